@@ -1,0 +1,1 @@
+"""The execution engine: RQ jobs that run one step attempt each."""

@@ -1,0 +1,66 @@
+"""``ctx``: what a step body sees of its task, and how it reports progress or cancellation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from sagas.engine import cancellation
+from sagas.engine.cancellation import AttemptAddress
+from sagas.models import StepAttempt, StepRecord
+from sagas.states import AttemptOutcome
+
+
+class StepCancelled(Exception):
+    """Raised by ``ctx.raise_if_cancelled()`` when the task or this attempt was cancelled."""
+
+
+@dataclass
+class StepContext:
+    task_id: str
+    step_name: str
+    kind: str
+    attempt: int
+    attempt_id: int
+    input: dict[str, Any]
+    results: dict[str, Any]
+    idempotency_key: str
+    trace_id: str
+    correlation_id: str
+    data: Any = None
+    logger: logging.LoggerAdapter[logging.Logger] | None = None
+    _redis: Redis | None = field(default=None, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether this attempt (or, for an action, its task) was asked to stop.
+
+        One Redis round trip. A compensation ignores its task's cancellation: it is the
+        undo that cancellation asked for.
+        """
+        if self._redis is None:
+            return False
+        address = AttemptAddress(self.task_id, self.step_name, self.kind, self.attempt)
+        try:
+            return cancellation.signalled_at(self._redis, address) is not None
+        except RedisError:
+            return False  # Redis down: keep working; the database still decides the outcome.
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise StepCancelled(f"task {self.task_id} was cancelled")
+
+    def progress(self, percent: int, message: str = "") -> None:
+        """Record progress (0-100) for the console; ignored once this attempt is superseded."""
+        percent = max(0, min(100, int(percent)))
+        if not StepAttempt.objects.filter(
+            pk=self.attempt_id, outcome=AttemptOutcome.RUNNING
+        ).exists():
+            return
+        StepRecord.objects.filter(task__pk=self.task_id, name=self.step_name).update(
+            progress=percent, progress_message=message[:300]
+        )

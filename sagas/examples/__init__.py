@@ -1,0 +1,1 @@
+"""Example sagas shipped with the product; each module defines one."""

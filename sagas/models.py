@@ -1,0 +1,317 @@
+"""The database is the source of truth: tasks, their steps, every attempt and the audit trail."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from sagas.states import (
+    AttemptKind,
+    AttemptOutcome,
+    CompensationReason,
+    StepStatus,
+    TaskStatus,
+)
+
+FENCED_FIELDS = frozenset({"status", "version"})
+
+
+def _refuse_status_write(obj: models.Model, update_fields: Any) -> None:
+    """A plain save() of an existing row would write back a stale status and version."""
+    if obj._state.adding:
+        return
+    if update_fields is None or FENCED_FIELDS & set(update_fields):
+        raise ValueError(
+            f"{type(obj).__name__}.save() cannot write status or version: use "
+            "sagas.transitions.transition(), or save(update_fields=[...]) for other fields"
+        )
+
+
+class TaskInstance(models.Model):
+    """One run of a saga. Its ``status`` changes only through ``sagas.transitions.transition``."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    saga = models.CharField(max_length=100)
+    status = models.CharField(max_length=32, choices=TaskStatus.choices, default=TaskStatus.PENDING)
+    input = models.JSONField(default=dict)
+    # NULL, not "": tasks without a key must never collide in the unique constraint.
+    business_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    correlation_id = models.CharField(max_length=200, blank=True)
+    trace_id = models.CharField(max_length=32, help_text="W3C trace-context trace id (32 hex)")
+    version = models.PositiveIntegerField(
+        default=0, help_text="Fencing token: bumped by every transition."
+    )
+    compensation_reason = models.CharField(
+        max_length=16, choices=CompensationReason.choices, blank=True
+    )
+    current_step = models.CharField(max_length=100, blank=True)
+    error_summary = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+    cancelled_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    cancel_reason = models.TextField(blank=True)
+    resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    resolution_note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["saga", "business_key"],
+                condition=Q(business_key__isnull=False),
+                name="task_business_key_unique_per_saga",
+            ),
+        ]
+        indexes = [
+            # Keyset pagination of the console and the API: newest first.
+            models.Index(fields=["-created_at", "-id"], name="task_created_idx"),
+            models.Index(fields=["status", "-created_at", "-id"], name="task_status_created_idx"),
+            models.Index(fields=["saga", "-created_at", "-id"], name="task_saga_created_idx"),
+            models.Index(
+                fields=["saga", "status", "-created_at", "-id"], name="task_saga_status_idx"
+            ),
+            models.Index(fields=["business_key"], name="task_business_key_idx"),
+            models.Index(fields=["correlation_id"], name="task_correlation_idx"),
+        ]
+        permissions = [("cancel_taskinstance", "Can cancel a running task")]
+
+    def __str__(self) -> str:
+        return f"{self.saga} {self.id} ({self.status})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_status_write(self, kwargs.get("update_fields"))
+        super().save(*args, **kwargs)
+
+
+class StepRecord(models.Model):
+    """A step of one task as recorded at the task's start."""
+
+    task = models.ForeignKey(TaskInstance, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=100)
+    status = models.CharField(max_length=32, choices=StepStatus.choices, default=StepStatus.PENDING)
+    critical = models.BooleanField(default=True)
+    # Dependency level (0 runs first), the nodes this one waits for, and for parallel
+    # groups: the group row itself (is_group, mode, deadline) and its branches (group).
+    level = models.PositiveSmallIntegerField(default=0)
+    after = models.JSONField(default=list, blank=True)
+    is_group = models.BooleanField(default=False)
+    group = models.CharField(max_length=100, blank=True)
+    group_mode = models.CharField(max_length=16, blank=True)
+    group_timeout_s = models.FloatField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    # A branch that succeeded after its group had decided without it: undo it on its own.
+    compensate_alone = models.BooleanField(default=False)
+    version = models.PositiveIntegerField(default=0)
+    attempt_count = models.PositiveIntegerField(default=0)
+    compensation_attempt_count = models.PositiveIntegerField(default=0)
+    data = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    compensation_error = models.TextField(blank=True)
+    trace_id = models.CharField(max_length=32, blank=True)
+    span_id = models.CharField(max_length=16, blank=True)
+    progress = models.PositiveSmallIntegerField(default=0)
+    progress_message = models.CharField(max_length=300, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    job_id = models.CharField(
+        max_length=200, blank=True, help_text="The RQ job expected to run this step next."
+    )
+    # Attempts made before the last redrive / retry_compensation: a fresh budget starts here.
+    attempt_budget_base = models.PositiveIntegerField(default=0)
+    compensation_budget_base = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["task", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "index"], name="step_index_unique"),
+            models.UniqueConstraint(fields=["task", "name"], name="step_name_unique"),
+            models.CheckConstraint(
+                condition=Q(progress__gte=0, progress__lte=100), name="step_progress_0_100"
+            ),
+        ]
+        indexes = [
+            # The reaper looks for overdue retries.
+            models.Index(fields=["status", "next_attempt_at"], name="step_status_next_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.index}. {self.name} ({self.status})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_status_write(self, kwargs.get("update_fields"))
+        super().save(*args, **kwargs)
+
+
+class StepAttempt(models.Model):
+    """One attempt of an action or a compensation: answers "why did this run twice?"."""
+
+    step = models.ForeignKey(StepRecord, on_delete=models.CASCADE, related_name="attempts")
+    kind = models.CharField(max_length=16, choices=AttemptKind.choices)
+    number = models.PositiveIntegerField()
+    outcome = models.CharField(
+        max_length=16, choices=AttemptOutcome.choices, default=AttemptOutcome.RUNNING
+    )
+    worker = models.CharField(max_length=200, blank=True)
+    job_id = models.CharField(max_length=200, blank=True)
+    lock_token = models.CharField(max_length=64, blank=True)
+    lock_key = models.CharField(max_length=300, blank=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["step", "kind", "number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["step", "kind", "number"], name="attempt_number_unique"
+            ),
+            # The final judge of exactly-once effect: at most one success per step and kind.
+            models.UniqueConstraint(
+                fields=["step", "kind"],
+                condition=Q(outcome=AttemptOutcome.SUCCEEDED),
+                name="attempt_one_success_per_kind",
+            ),
+        ]
+        indexes = [
+            # The reaper looks for running attempts with a stale heartbeat.
+            models.Index(fields=["outcome", "heartbeat_at"], name="attempt_outcome_hb_idx"),
+            # The worker's parent finds the attempt of a killed or stopped job.
+            models.Index(fields=["job_id"], name="attempt_job_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.number} ({self.outcome})"
+
+
+class AuditEntry(models.Model):
+    """Append-only history. On Postgres a trigger refuses UPDATE, DELETE and TRUNCATE."""
+
+    # PROTECT everywhere: deleting a task, step or user must never take its history along.
+    # Null only for entries about things no task owns (e.g. an orphan S3 object deleted).
+    task = models.ForeignKey(
+        TaskInstance, null=True, blank=True, on_delete=models.PROTECT, related_name="audit_entries"
+    )
+    step = models.ForeignKey(
+        StepRecord, null=True, blank=True, on_delete=models.PROTECT, related_name="audit_entries"
+    )
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    actor_name = models.CharField(
+        max_length=150, help_text="Who acted, as named at the time; 'system' for the engine."
+    )
+    action = models.CharField(max_length=64)
+    from_status = models.CharField(max_length=32, blank=True)
+    to_status = models.CharField(max_length=32, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        verbose_name_plural = "audit entries"
+        indexes = [
+            models.Index(fields=["task", "created_at"], name="audit_task_created_idx"),
+            models.Index(fields=["action", "-created_at"], name="audit_action_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action}"
+
+
+TOKEN_SCHEME_PREFIX = "sgs_"  # noqa: S105 - a marker that helps secret scanners, not a secret
+TOKEN_DISPLAY_CHARS = 12
+# Recording every use would be a write per API call; once a minute is precise enough.
+TOKEN_USE_RESOLUTION = timedelta(minutes=1)
+
+
+def token_digest(plain: str) -> str:
+    """The SHA-256 hex digest stored for a token (the token itself is never stored)."""
+    return hashlib.sha256(plain.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """A bearer token for the HTTP API; it acts as its user, with that user's permissions."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100, help_text="What the token is for, e.g. 'billing CI'.")
+    prefix = models.CharField(max_length=TOKEN_DISPLAY_CHARS, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    def generate_key(self) -> str:
+        """Give this token a new secret and return it: the only time it is ever readable."""
+        plain = TOKEN_SCHEME_PREFIX + secrets.token_urlsafe(32)
+        self.prefix = plain[:TOKEN_DISPLAY_CHARS]
+        self.key_hash = token_digest(plain)
+        return plain
+
+    def revoke(self) -> bool:
+        """Revoke the token now; False if it was already revoked."""
+        now = timezone.now()
+        won = ApiToken.objects.filter(pk=self.pk, revoked_at=None).update(revoked_at=now)
+        if won:
+            self.revoked_at = now
+        return bool(won)
+
+    def record_use(self) -> None:
+        now = timezone.now()
+        if self.last_used_at is None or now - self.last_used_at >= TOKEN_USE_RESOLUTION:
+            ApiToken.objects.filter(pk=self.pk).update(last_used_at=now)
+            self.last_used_at = now
+
+    @classmethod
+    def find_active(cls, plain: str) -> ApiToken | None:
+        """The unrevoked token with this secret whose user is active, or None."""
+        token = (
+            cls.objects.select_related("user")
+            .filter(key_hash=token_digest(plain), revoked_at=None, user__is_active=True)
+            .first()
+        )
+        return token

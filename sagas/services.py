@@ -1,0 +1,338 @@
+"""Operations on tasks that the API, the console and the commands all call."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from sagas import audit
+from sagas.audit import AuditAction
+from sagas.definitions import ParallelGroup, Saga, registry
+from sagas.engine import cancellation, flow
+from sagas.engine.cancellation import CancelOutcome
+from sagas.models import StepRecord, TaskInstance
+from sagas.states import CompensationReason, StepStatus, TaskStatus
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+
+    Actor = AbstractBaseUser | AnonymousUser | None
+
+MAX_KEY_LENGTH = 200
+
+
+class InvalidInput(ValidationError):
+    """The input, business key or correlation id of a start was rejected."""
+
+
+class BusinessKeyConflict(Exception):
+    """The business key is already used by a task of this saga with a different input."""
+
+    def __init__(self, task: TaskInstance) -> None:
+        super().__init__(
+            f"business key {task.business_key!r} of saga {task.saga!r} is already used by "
+            f"task {task.pk} with a different input"
+        )
+        self.task = task
+
+
+def start(
+    saga_name: str,
+    input: Any,
+    business_key: str | None = None,
+    correlation_id: str | None = None,
+    actor: Actor = None,
+) -> tuple[TaskInstance, bool]:
+    """Create a task and its steps, like ``get_or_create`` on the business key.
+
+    Returns ``(task, created)``. Raises ``UnknownSaga``, ``InvalidInput`` (a
+    ``ValidationError``, also for the saga's ``validate_input``) or ``BusinessKeyConflict``.
+    """
+    saga = registry.get(saga_name)
+    payload = _json_object(input)
+    _check_key("business_key", business_key, allow_none=True)
+    _check_key("correlation_id", correlation_id, allow_none=True)
+    if business_key is not None:
+        # A replay returns the task it created even if validation has been tightened since.
+        existing = _task_with_key(saga, business_key, payload)
+        if existing is not None:
+            return existing, False
+    _validate(saga, payload)
+    try:
+        with transaction.atomic():
+            return _create_task(saga, payload, business_key, correlation_id, actor), True
+    except IntegrityError:
+        # A concurrent start with the same key committed first: its task is the answer.
+        existing = _task_with_key(saga, business_key, payload) if business_key else None
+        if existing is None:
+            raise
+        return existing, False
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"input must be a JSON object, got {type(value).__name__}")
+    try:
+        # Round-trip so what is compared and stored is exactly what JSON can hold.
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        payload: dict[str, Any] = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"input is not JSON-serialisable: {exc}") from None
+    for string in _strings(payload):
+        _check_storable("input", string)
+    return payload
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _check_storable(name: str, text: str) -> None:
+    """Postgres text and jsonb hold neither NUL characters nor lone surrogates."""
+    if "\x00" in text:
+        raise InvalidInput(f"{name} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name} contains an invalid Unicode character") from None
+
+
+def _validate(saga: Saga, payload: dict[str, Any]) -> None:
+    if saga.validate_input is None:
+        return
+    try:
+        saga.validate_input(payload)
+    except ValidationError as exc:
+        raise InvalidInput(exc.messages) from None
+
+
+def _check_key(name: str, value: Any, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{name} must be a non-empty string")
+    if len(value) > MAX_KEY_LENGTH:
+        raise InvalidInput(f"{name} is longer than {MAX_KEY_LENGTH} characters")
+    _check_storable(name, value)
+
+
+def _task_with_key(saga: Saga, business_key: str, payload: dict[str, Any]) -> TaskInstance | None:
+    task = TaskInstance.objects.filter(saga=saga.name, business_key=business_key).first()
+    if task is not None and task.input != payload:
+        raise BusinessKeyConflict(task)
+    return task
+
+
+def _step_records(saga: Saga, task: TaskInstance) -> list[StepRecord]:
+    """One row per top-level step, per parallel group and per branch, in declaration order."""
+    levels, graph = saga.levels(), saga.dependencies()
+    rows: list[StepRecord] = []
+
+    def row(name: str, **fields: Any) -> None:
+        rows.append(
+            StepRecord(
+                task=task,
+                index=len(rows),
+                name=name,
+                level=levels[name],
+                trace_id=task.trace_id,
+                span_id=secrets.token_hex(8),
+                **fields,
+            )
+        )
+
+    for node in saga.nodes:
+        after = list(graph[node.name])
+        if isinstance(node, ParallelGroup):
+            row(
+                node.name,
+                after=after,
+                critical=node.critical,
+                is_group=True,
+                group_mode=node.mode,
+                group_timeout_s=node.timeout_s,
+            )
+            for branch in node.branches:
+                row(branch.name, group=node.name)
+        else:
+            row(node.name, after=after, critical=node.critical)
+    return rows
+
+
+def _create_task(
+    saga: Saga,
+    payload: dict[str, Any],
+    business_key: str | None,
+    correlation_id: str | None,
+    actor: Actor,
+) -> TaskInstance:
+    task = TaskInstance.objects.create(
+        saga=saga.name,
+        input=payload,
+        business_key=business_key,
+        correlation_id=correlation_id or str(uuid.uuid4()),
+        trace_id=secrets.token_hex(16),
+    )
+    StepRecord.objects.bulk_create(_step_records(saga, task))
+    audit.record(
+        task,
+        audit.AuditAction.STARTED,
+        actor=actor,
+        to_status=task.status,
+        details={"steps": [s.name for s in saga.steps], "business_key": business_key},
+    )
+    # The first level is recorded now and enqueued only once this transaction commits.
+    flow.advance(task, saga)
+    if saga.deadline_s:
+        cancellation.schedule_deadline(task, saga.deadline_s)
+    return task
+
+
+class TaskNotFound(LookupError):
+    """No task with that id."""
+
+
+class ActionNotAllowed(Exception):
+    """The operation does not apply to a task in its current status."""
+
+    def __init__(self, task: TaskInstance, operation: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(
+            f"cannot {operation} task {task.pk}: it is {task.status} "
+            f"(only {', '.join(allowed)} tasks can be)"
+        )
+        self.task = task
+        self.status = task.status
+
+
+RESOLVABLE = (TaskStatus.COMPENSATION_FAILED, TaskStatus.FAILED, TaskStatus.DEAD_LETTERED)
+
+
+def _locked(task_id: Any, operation: str, allowed: tuple[str, ...]) -> TaskInstance:
+    try:
+        task = flow.locked_task(task_id)
+    except (TaskInstance.DoesNotExist, ValidationError, ValueError):
+        raise TaskNotFound(f"no task {task_id}") from None
+    if task.status not in allowed:
+        raise ActionNotAllowed(task, operation, allowed)
+    return task
+
+
+def _require_text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{name} is required")
+    return value.strip()
+
+
+@transaction.atomic
+def resolve(task_id: Any, actor: Actor, note: str) -> TaskInstance:
+    """Close a parked task by hand (after fixing things outside); the note is mandatory."""
+    note = _require_text("note", note)
+    task = _locked(task_id, "resolve", RESOLVABLE)
+    flow.skip_unstarted(task)
+    flow.move(
+        task,
+        TaskStatus.RESOLVED,
+        AuditAction.RESOLVED,
+        actor=actor,
+        details={"note": note},
+        fields={"resolved_by": actor, "resolution_note": note, "finished_at": timezone.now()},
+    )
+    return task
+
+
+@transaction.atomic
+def retry_compensation(task_id: Any, actor: Actor, reason: str) -> TaskInstance:
+    """Run the failed compensations again, each with a fresh retry budget."""
+    reason = _require_text("reason", reason)
+    task = _locked(task_id, "retry the compensation of", (TaskStatus.COMPENSATION_FAILED,))
+    failed = StepRecord.objects.filter(task=task, status=StepStatus.COMPENSATION_FAILED)
+    for step in failed:
+        flow.move_step(
+            step,
+            StepStatus.COMPENSATING,
+            next_attempt_at=None,
+            compensation_budget_base=step.compensation_attempt_count,
+        )
+    resume = (
+        TaskStatus.CANCELLING
+        if task.compensation_reason == CompensationReason.CANCEL
+        else TaskStatus.COMPENSATING
+    )
+    flow.move(
+        task,
+        resume,
+        AuditAction.COMPENSATION_RETRIED,
+        actor=actor,
+        details={"reason": reason, "steps": [s.name for s in failed]},
+        fields={"finished_at": None},
+    )
+    flow.compensate_next(task, registry.get(task.saga) if task.saga in registry else None)
+    return task
+
+
+@transaction.atomic
+def redrive(task_id: Any, actor: Actor, reason: str) -> TaskInstance:
+    """Retry a dead-lettered task's failed step with a fresh retry budget."""
+    reason = _require_text("reason", reason)
+    task = _locked(task_id, "redrive", (TaskStatus.DEAD_LETTERED,))
+    # The step that parked the task: a failed critical one (a non-critical failure is final).
+    failed = StepRecord.objects.filter(task=task, status=StepStatus.FAILED, critical=True)
+    step = failed.order_by("-index").first()
+    if step is None:
+        raise ActionNotAllowed(task, "redrive (no failed step)", (TaskStatus.DEAD_LETTERED,))
+    flow.move_step(
+        step,
+        StepStatus.PENDING,
+        attempt_budget_base=step.attempt_count,
+        finished_at=None,
+        job_id="",
+    )
+    flow.move(
+        task,
+        TaskStatus.RUNNING,
+        AuditAction.REDRIVEN,
+        actor=actor,
+        step=step,
+        details={"reason": reason, "step": step.name, "next_attempt": step.attempt_count + 1},
+        fields={"error_summary": ""},
+    )
+    flow.advance(task, registry.get(task.saga) if task.saga in registry else None)
+    return task
+
+
+def cancel(task_id: Any, actor: Actor = None, reason: str = "") -> CancelOutcome:
+    """Cancel a task: stop its running step, then undo what succeeded (``cancelling``)."""
+    pk = _uuid_or_none(task_id)
+    task = TaskInstance.objects.filter(pk=pk).first() if pk else None
+    if task is None:
+        return CancelOutcome("not_found", "", 404)
+    saga = registry.get(task.saga) if task.saga in registry else None
+    if saga is not None and not saga.cancellable:
+        return CancelOutcome("not_cancellable", task.status, 409, task)
+    return cancellation.request(task.pk, actor, reason)
+
+
+__all__ = ["CancelOutcome", "cancel", "redrive", "resolve", "retry_compensation", "start"]
+
+
+def _uuid_or_none(value: Any) -> uuid.UUID | None:
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        return None

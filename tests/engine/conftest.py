@@ -1,0 +1,153 @@
+"""Engine tests: real redis-server (the suite's private one), real RQ workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from rq.scheduler import RQScheduler
+
+from sagas.definitions import registry
+from sagas.embedded import ManagedProcess
+from sagas.engine.connection import queue, redis
+from sagas.engine.worker import SagaSimpleWorker
+from sagas.models import TaskInstance
+from sagas.states import ACTIVE_TASK_STATUSES
+
+TEST_SAGAS = "tests.engine.sagas_for_tests"
+registry.load([TEST_SAGAS])
+BASE_DIR = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def empty_redis():
+    redis().flushdb()
+    yield
+    redis().flushdb()
+
+
+def move_due_scheduled_jobs() -> None:
+    """What a worker's scheduler does every second (a burst worker does it only at start)."""
+    scheduler = RQScheduler([queue()], connection=redis())
+    scheduler.prepare_registries([queue().name])
+    scheduler.enqueue_scheduled_jobs()
+
+
+def next_scheduled_in() -> float | None:
+    registry = queue().scheduled_job_registry
+    upcoming = redis().zrange(registry.key, 0, 0, withscores=True)
+    return max(0.0, float(upcoming[0][1]) - time.time()) if upcoming else None
+
+
+def drain(timeout: float = 60) -> None:
+    """Run queued and scheduled step jobs in this process until nothing is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        move_due_scheduled_jobs()
+        if queue().count:
+            SagaSimpleWorker([queue()], connection=redis()).work(burst=True)
+            continue
+        wait = next_scheduled_in()
+        if wait is None:
+            return
+        time.sleep(min(wait + 0.05, 1.0))
+    raise AssertionError(f"jobs still pending after {timeout} s")
+
+
+def run_to_end(task: TaskInstance, timeout: float = 60) -> TaskInstance:
+    drain(timeout)
+    task.refresh_from_db()
+    return task
+
+
+def database_url() -> str:
+    """The test database as a URL, for worker processes (they cannot share an in-memory DB)."""
+    db = connection.settings_dict
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (work horses run in their own process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    for victim in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Start real ``rqworker --with-scheduler`` processes against the test database."""
+    started: list[ManagedProcess] = []
+
+    def start_worker(name: str, **env: str) -> ManagedProcess:
+        environment = {
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "SAGA_MODULES": ",".join(
+                [
+                    "sagas.examples.create_zip",
+                    "sagas.examples.chaos",
+                    "sagas.examples.flight_search",
+                    TEST_SAGAS,
+                ]
+            ),
+            "SAGAS_REAPER_INTERVAL": "1s",
+            "SAGAS_REAPER_GRACE": "2s",
+            **env,
+        }
+        argv = [
+            sys.executable,
+            str(BASE_DIR / "manage.py"),
+            "rqworker",
+            "--with-scheduler",
+            "--name",
+            f"{name}-{os.getpid()}-{time.monotonic_ns()}",
+            "default",
+        ]
+        process = ManagedProcess(
+            name, argv, env=environment, cwd=BASE_DIR, log_path=tmp_path / f"{name}.log"
+        ).start()
+        started.append(process)
+        return process
+
+    yield start_worker
+    for process in started:
+        kill_tree(process.pid)
+        process.stop(timeout=1)
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2, message: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(message or f"condition not met within {timeout} s")
+
+
+def terminal(task: TaskInstance) -> bool:
+    task.refresh_from_db()
+    return task.status not in ACTIVE_TASK_STATUSES

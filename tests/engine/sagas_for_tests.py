@@ -1,0 +1,204 @@
+"""Sagas that only the engine tests use (loaded by the test workers through SAGA_MODULES)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sagas.definitions import CircuitBreakerPolicy, RetryPolicy, Saga
+
+flaky = Saga("flaky-service", lock_expiry_s=10)
+
+
+@flaky.step(
+    retry=RetryPolicy(max_retries=5, backoff="constant", base_delay_ms=10),
+    breaker=CircuitBreakerPolicy("flaky", failure_threshold=2, open_seconds=3),
+)
+def call_service(ctx: Any) -> dict[str, Any]:
+    if ctx.attempt <= ctx.input.get("fail_first", 0):
+        raise ConnectionError("service unavailable")
+    return {"called": True}
+
+
+slow = Saga("slow-step", lock_expiry_s=10)
+
+
+@slow.step(retry=RetryPolicy(max_retries=1, backoff="constant", base_delay_ms=10), timeout_s=0.5)
+def stubborn(ctx: Any) -> dict[str, Any]:
+    """Sleeps past its timeout on the first attempt, swallowing every ordinary exception."""
+    if ctx.attempt == 1:
+        import time
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.05)
+            except Exception:
+                continue
+    return {"attempt": ctx.attempt}
+
+
+shrinking = Saga("shrinking")
+
+
+@shrinking.step
+def first(ctx: Any) -> None:
+    return None
+
+
+@shrinking.step
+def second(ctx: Any) -> None:
+    return None
+
+
+deaf = Saga("deaf", cancellable=True, lock_expiry_s=10)
+
+
+@deaf.step
+def book(ctx: Any) -> dict[str, Any]:
+    return {"booked": True}
+
+
+@book.compensate
+def unbook(ctx: Any) -> None:
+    return None
+
+
+@deaf.step
+def ignore_cancel(ctx: Any) -> None:
+    """Works for 30 s and never looks at ctx.cancelled."""
+    import time
+
+    time.sleep(30)
+
+
+def _work(ctx: Any, milliseconds: int, cooperative: bool = True) -> None:
+    import time
+
+    deadline = time.monotonic() + milliseconds / 1000
+    while time.monotonic() < deadline:
+        if cooperative:
+            ctx.raise_if_cancelled()
+        time.sleep(0.02)
+
+
+hotels = Saga("first-hotel", lock_expiry_s=10)
+offers = hotels.parallel("offers", mode="any", timeout_s=20)
+
+
+@offers.branch
+def fast_hotel(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 800)
+    return {"hotel": "fast"}
+
+
+@offers.branch
+def slow_hotel(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 5000)  # observes the cancellation when fast_hotel wins
+    return {"hotel": "slow"}
+
+
+@offers.branch
+def stubborn_hotel(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 1600, cooperative=False)  # finishes after the winner: its booking is undone
+    return {"hotel": "stubborn"}
+
+
+for _branch in (fast_hotel, slow_hotel, stubborn_hotel):
+    _branch.compensate(lambda ctx: None)
+
+
+fanout = Saga("all-or-nothing", lock_expiry_s=10)
+
+
+@fanout.step
+def prepare(ctx: Any) -> dict[str, Any]:
+    return {"prepared": True}
+
+
+prepare.compensate(lambda ctx: None)
+jobs = fanout.parallel("jobs", mode="all")
+
+
+@jobs.branch
+def quick_job(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 100)
+    return {"done": "quick"}
+
+
+@jobs.branch(retry=RetryPolicy(max_retries=0))
+def broken_job(ctx: Any) -> None:
+    _work(ctx, 300)
+    raise RuntimeError("broken_job cannot work")
+
+
+@jobs.branch
+def long_job(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 5000)
+    return {"done": "long"}
+
+
+for _branch in (quick_job, broken_job, long_job):
+    _branch.compensate(lambda ctx: None)
+
+
+@fanout.step
+def finish(ctx: Any) -> None:
+    return None
+
+
+pair = Saga("pair", lock_expiry_s=10)
+both = pair.parallel("both", mode="all")
+
+
+@both.branch
+def left(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 1500)
+    return {"side": "left"}
+
+
+@both.branch
+def right(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 1500)
+    return {"side": "right"}
+
+
+dag = Saga("dag-fail", lock_expiry_s=10)
+
+
+@dag.step
+def base(ctx: Any) -> dict[str, Any]:
+    return {"base": True}
+
+
+base.compensate(lambda ctx: None)
+
+
+@dag.step(after=["base"], retry=RetryPolicy(max_retries=0))
+def breaks(ctx: Any) -> None:
+    _work(ctx, 300)
+    raise RuntimeError("breaks for good")
+
+
+@dag.step(after=["base"])
+def sibling(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 5000)  # still running when its sibling fails
+    return {"sibling": True}
+
+
+sibling.compensate(lambda ctx: None)
+
+
+timed = Saga("deadline", deadline_s=2, lock_expiry_s=10)
+
+
+@timed.step
+def early(ctx: Any) -> dict[str, Any]:
+    return {"early": True}
+
+
+early.compensate(lambda ctx: None)
+
+
+@timed.step
+def too_long(ctx: Any) -> None:
+    _work(ctx, 20000)

@@ -1,0 +1,137 @@
+"""Timeouts, vanished step code, a busy lock, Redis down at commit, queue order, log context."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from redis import Redis
+from rq import Queue
+
+from sagas.definitions import registry
+from sagas.engine import dispatch
+from sagas.engine.connection import queue, redis
+from sagas.engine.locks import TaskLock
+from sagas.engine.logs import JsonFormatter, engine_logger
+from sagas.engine.reaper import reap
+from sagas.models import AuditEntry
+from sagas.services import start
+from sagas.states import AttemptKind
+from tests.engine.conftest import drain, run_to_end
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_step_past_its_timeout_is_timed_out_and_retried():
+    task, _ = start("slow-step", {})
+    task = run_to_end(task)
+    assert task.status == "completed"
+    step = task.steps.get()
+    outcomes = list(step.attempts.order_by("number").values_list("outcome", "error"))
+    assert outcomes[0][0] == "timed_out"
+    assert "timeout of 0.5 s" in outcomes[0][1]
+    assert outcomes[1][0] == "succeeded"
+    assert step.attempt_count == 2
+
+
+def test_a_task_whose_step_was_removed_by_a_deploy_is_dead_lettered(monkeypatch):
+    saga = registry.get("shrinking")
+    task, _ = start("shrinking", {})
+    monkeypatch.setattr(saga, "steps", saga.steps[:1])  # the deploy dropped "second"
+    task = run_to_end(task)
+    assert task.status == "dead_lettered"
+    assert "step 'second' of saga 'shrinking' no longer exists" in task.error_summary
+    assert task.steps.get(name="first").status == "succeeded"
+
+
+def test_a_busy_lock_requeues_a_bounded_number_of_times_then_the_reaper_recovers(settings):
+    settings.SAGAS_LOCK_REQUEUES = 2
+    settings.SAGAS_REAPER_GRACE = 0
+    task, _ = start("chaos", {})
+    squatter = TaskLock(redis(), task.pk, expiry_s=60)
+    assert squatter.acquire()
+    drain(timeout=30)
+    task.refresh_from_db()
+    assert task.status == "pending"
+    assert AuditEntry.objects.filter(task=task, action="lock_busy").count() == 1
+    squatter.release()
+    report = reap(force=True)
+    assert report is not None and len(report.requeued_jobs) == 1
+    assert run_to_end(task).status == "completed"
+
+
+def test_redis_down_at_commit_leaves_the_task_for_the_reaper(monkeypatch, caplog, settings):
+    settings.SAGAS_REAPER_GRACE = 0
+    dead = Queue("default", connection=Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+    monkeypatch.setattr(dispatch, "queue", lambda: dead)
+    _, created = start("chaos", {})  # no exception although nothing could be enqueued
+    assert created
+    assert "the reaper will retry" in caplog.text
+    monkeypatch.undo()
+    assert queue().count == 0
+    reap(force=True)
+    assert queue().count == 1
+
+
+def test_compensation_jobs_jump_the_queue():
+    for n in range(3):
+        dispatch.enqueue(f"t{n}", "step", AttemptKind.ACTION, 1, f"saga-t{n}-step-a1")
+    dispatch.enqueue("t9", "step", AttemptKind.COMPENSATION, 1, "saga-t9-step-c1")
+    assert queue().job_ids[0] == "saga-t9-step-c1"
+
+
+def test_job_ids_are_deterministic_and_safe():
+    jid = dispatch.job_id("0b6f0f8e-7d2a-4a57-9d1c-5a0d6f4c3b21", "charge", "compensation", 3)
+    assert jid == "saga-0b6f0f8e-7d2a-4a57-9d1c-5a0d6f4c3b21-charge-c3"
+    assert all(c.isalnum() or c in "-_" for c in jid)
+    assert dispatch.enqueue("x", "step", AttemptKind.ACTION, 1, "saga-x-step-a1-once") is True
+    # The same id again (the reaper racing the normal path) is refused by RQ, not queued twice.
+    assert dispatch.enqueue("x", "step", AttemptKind.ACTION, 1, "saga-x-step-a1-once") is False
+
+
+def test_engine_log_lines_carry_task_and_w3c_trace_context(caplog):
+    task, _ = start("chaos", {}, correlation_id="req-42")
+    with caplog.at_level(logging.INFO, logger="sagas.engine"):
+        engine_logger(task, step="reserve", attempt=1).info("hello")
+    line = json.loads(JsonFormatter().format(caplog.records[-1]))
+    assert line["message"] == "hello"
+    assert (line["task_id"], line["correlation_id"], line["step"]) == (
+        str(task.pk),
+        "req-42",
+        "reserve",
+    )
+    version, trace_id, span_id, flags = line["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", task.trace_id, "01")
+    assert len(span_id) == 16
+
+
+def test_an_orphaned_claim_from_a_rolled_back_start_is_taken_over(caplog):
+    from sagas.engine.idempotency import claim, claim_name
+
+    task, _ = start("chaos", {})
+    # A worker claimed attempt 1 of reserve, then its transaction rolled back.
+    assert claim(redis(), claim_name(task.pk, "reserve", AttemptKind.ACTION, 1), "dead-worker")
+    assert run_to_end(task).status == "completed"
+    assert "had no attempt behind it" in caplog.text
+    assert not AuditEntry.objects.filter(task=task, action="duplicate_delivery").exists()
+
+
+def test_one_broken_item_does_not_stop_the_reaper(monkeypatch, settings):
+    from sagas.engine import reaper
+
+    settings.SAGAS_REAPER_GRACE = 0
+    broken, _ = start("chaos", {})
+    healthy, _ = start("chaos", {})
+    queue().empty()  # both tasks lost their jobs
+    real = reaper._requeue_task_jobs
+
+    def flaky(task, now):
+        if task.pk == broken.pk:
+            raise RuntimeError("poisoned row")
+        return real(task, now)
+
+    monkeypatch.setattr(reaper, "_requeue_task_jobs", flaky)
+    report = reap(force=True)
+    assert report is not None
+    assert [j for j in report.requeued_jobs if str(healthy.pk) in j]
