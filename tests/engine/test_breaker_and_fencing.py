@@ -22,19 +22,26 @@ pytestmark = pytest.mark.django_db(transaction=True)
 FLAKY = CircuitBreakerPolicy("flaky", failure_threshold=2, open_seconds=3)
 
 
-def work_as(name: str) -> None:
-    """Run what is due as the named worker (waiting for the next scheduled retry first)."""
+def work_as(name: str, max_jobs: int | None = None) -> None:
+    """Run what is due as the named worker (waiting for the next scheduled retry first).
+
+    A 10 ms retry is often already due when its transaction commits, so it goes straight
+    to the queue: ``max_jobs=1`` keeps one call to one attempt.
+    """
     wait = next_scheduled_in()
     if wait is not None and not queue().count:
         time.sleep(wait + 0.05)
     move_due_scheduled_jobs()
-    SagaSimpleWorker([queue()], connection=redis(), name=name).work(burst=True)
+    worker = SagaSimpleWorker([queue()], connection=redis(), name=name)
+    worker.work(burst=True, max_jobs=max_jobs)
 
 
 def test_a_breaker_opened_by_one_worker_is_open_for_another_and_costs_no_retry():
     first, _ = start("flaky-service", {"fail_first": 2})
-    work_as("worker-a")  # attempt 1 fails
-    work_as("worker-a")  # attempt 2 fails: threshold reached, breaker opens
+    work_as("worker-a", max_jobs=1)  # attempt 1 fails
+    assert CircuitBreaker(redis(), FLAKY).state().status(time.time()) == "closed"
+    work_as("worker-a", max_jobs=1)  # attempt 2 fails: threshold reached, breaker opens
+    assert first.steps.get().attempt_count == 2
     assert CircuitBreaker(redis(), FLAKY).state().status(time.time()) == "open"
 
     second, _ = start("flaky-service", {})
