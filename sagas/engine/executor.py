@@ -645,10 +645,12 @@ def _after_compensation(
 def _undo_done(task: TaskInstance, step: StepRecord, saga: Saga | None) -> None:
     if task.status in COMPENSATION_TASK_STATUSES:
         flow.compensate_next(task, saga)
-    elif step.status == StepStatus.COMPENSATION_FAILED:
-        # A lone late branch could not be undone while its task went on (or had ended):
-        # the task's status cannot say so, so tell the humans the same way.
+        return
+    if step.status == StepStatus.COMPENSATION_FAILED:
+        # A lone late branch could not be undone while its task went on: the task's
+        # status cannot say so, so tell the humans the same way.
         transaction.on_commit(partial(notify.compensation_failed, task.pk))
+    flow.advance(task, saga)  # the task waited for this undo before it could complete
 
 
 # --- deliveries that cannot run --------------------------------------------------------

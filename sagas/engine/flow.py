@@ -80,8 +80,12 @@ def advance(task: TaskInstance, saga: Saga | None) -> None:
         return
     if task.status not in FORWARD:
         return
-    nodes = [s for s in steps_of(task) if not s.group]
+    steps = steps_of(task)
+    nodes = [s for s in steps if not s.group]
     if all(done(s) for s in nodes):
+        if any(winding_down(s) for s in steps):
+            sync_activity(task)  # the last straggler to settle completes the task
+            return
         if task.status != TaskStatus.RUNNING:  # e.g. the last join came from a late branch
             move(task, TaskStatus.RUNNING)
         move(
@@ -96,6 +100,15 @@ def advance(task: TaskInstance, saga: Saga | None) -> None:
         if node.status == StepStatus.PENDING and set(node.after) <= finished:
             start_node(task, node, saga)
     sync_activity(task)
+
+
+def winding_down(step: StepRecord) -> bool:
+    """A branch its group no longer needs that has not stopped yet, or whose late work is
+    still being undone: the task is not ``completed`` while any part of it still runs."""
+    return bool(step.group) and (
+        step.status == StepStatus.RUNNING
+        or (step.compensate_alone and step.status in TO_COMPENSATE)
+    )
 
 
 def done(step: StepRecord) -> bool:

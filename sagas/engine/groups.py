@@ -140,4 +140,4 @@ def _late(task: TaskInstance, group: StepRecord, branch: StepRecord, saga: Saga 
             details={"reason": f"group {group.name} decided without this branch"},
         )
     else:
-        flow.sync_activity(task)
+        flow.advance(task, saga)  # it may have been the last part of the task still running

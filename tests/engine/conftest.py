@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from rq import Worker
 from rq.scheduler import RQScheduler
 
 from sagas.definitions import registry
@@ -146,6 +147,15 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, message: str
             return value
         time.sleep(interval)
     raise AssertionError(message or f"condition not met within {timeout} s")
+
+
+def workers_up(count: int, timeout: float = 30) -> None:
+    """Wait until ``count`` workers have registered (they boot slowly on a loaded machine)."""
+    wait_for(
+        lambda: Worker.count(connection=redis()) >= count,
+        timeout,
+        message=f"{count} workers not up within {timeout} s",
+    )
 
 
 def terminal(task: TaskInstance) -> bool:

@@ -107,6 +107,19 @@ for _branch in (fast_hotel, slow_hotel, stubborn_hotel):
     _branch.compensate(lambda ctx: None)
 
 
+def _once_running(ctx: Any, sibling: str) -> None:
+    """Wait until ``sibling`` of the same task runs, so a failure meets it mid-flight
+    (on a loaded machine its worker may not have picked it up yet)."""
+    import time
+
+    from sagas.models import StepRecord
+
+    deadline = time.monotonic() + 20
+    running = StepRecord.objects.filter(task_id=ctx.task_id, name=sibling, status="running")
+    while time.monotonic() < deadline and not running.exists():
+        time.sleep(0.05)
+
+
 fanout = Saga("all-or-nothing", lock_expiry_s=10)
 
 
@@ -127,6 +140,7 @@ def quick_job(ctx: Any) -> dict[str, Any]:
 
 @jobs.branch(retry=RetryPolicy(max_retries=0))
 def broken_job(ctx: Any) -> None:
+    _once_running(ctx, "long_job")
     _work(ctx, 300)
     raise RuntimeError("broken_job cannot work")
 
@@ -175,6 +189,7 @@ base.compensate(lambda ctx: None)
 
 @dag.step(after=["base"], retry=RetryPolicy(max_retries=0))
 def breaks(ctx: Any) -> None:
+    _once_running(ctx, "sibling")
     _work(ctx, 300)
     raise RuntimeError("breaks for good")
 
