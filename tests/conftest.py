@@ -24,8 +24,12 @@ def operator(django_user_model):
     user.user_permissions.set(
         Permission.objects.filter(
             content_type__app_label="sagas",
-            codename__in=["view_taskinstance", "view_steprecord", "view_auditentry",
-                          "cancel_taskinstance"],
+            codename__in=[
+                "view_taskinstance",
+                "view_steprecord",
+                "view_auditentry",
+                "cancel_taskinstance",
+            ],
         )
     )
     return user

@@ -175,9 +175,7 @@ def test_a_bearer_token_needs_no_csrf_token(make_user, token_client, chaos_task,
     assert call(client, endpoint, chaos_task).status_code in (201, 202)
 
 
-def test_the_csrf_failure_page_outside_the_api_is_still_django_html(
-    make_user, session_client
-):
+def test_the_csrf_failure_page_outside_the_api_is_still_django_html(make_user, session_client):
     client = session_client(make_user("staff", is_staff=True)).client
     response = client.post("/admin/logout/")
     assert response.status_code == 403

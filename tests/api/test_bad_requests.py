@@ -48,8 +48,9 @@ CASES = {
     "json array": Bad("POST", LIST, 400, "invalid_body", body=[{"input": {}}]),
     "json string": Bad("POST", LIST, 400, "invalid_body", body="input"),
     "json null": Bad("POST", LIST, 400, "invalid_body", raw=b"null"),
-    "empty body": Bad("POST", LIST, 400, "invalid_body", raw=b"",
-                      extra={"CONTENT_TYPE": "application/json"}),
+    "empty body": Bad(
+        "POST", LIST, 400, "invalid_body", raw=b"", extra={"CONTENT_TYPE": "application/json"}
+    ),
     "input missing": Bad("POST", LIST, 400, "invalid_body", body={"business_key": "k"}),
     "input is a list": Bad("POST", LIST, 400, "invalid_body", body={"input": [1, 2]}),
     "input is a string": Bad("POST", LIST, 400, "invalid_body", body={"input": "{}"}),
@@ -85,31 +86,65 @@ CASES = {
         "POST", LIST, 400, "invalid_input", body={"input": {"fail": {"charge": "x"}}}
     ),
     "business key conflict": Bad(
-        "POST", LIST, 409, "business_key_conflict",
+        "POST",
+        LIST,
+        409,
+        "business_key_conflict",
         body={"input": {"fail": {"ship": 1}}, "business_key": "used"},
     ),
-    "unknown saga": Bad("POST", "/api/distributed-tasks/nope/", 404, "unknown_saga",
-                        body={"input": {}}),
+    "unknown saga": Bad(
+        "POST", "/api/distributed-tasks/nope/", 404, "unknown_saga", body={"input": {}}
+    ),
     # framing
-    "text/plain": Bad("POST", LIST, 415, "unsupported_media_type", raw=b"{}",
-                      content_type="text/plain"),
-    "form encoded": Bad("POST", LIST, 415, "unsupported_media_type", raw=b"input=1",
-                        content_type="application/x-www-form-urlencoded"),
-    "multipart garbage": Bad("POST", LIST, 415, "unsupported_media_type", raw=b"--x\r\n",
-                             content_type="multipart/form-data; boundary=x"),
-    "latin-1 json": Bad("POST", LIST, 415, "unsupported_media_type", body={"input": {}},
-                        content_type="application/json; charset=latin-1"),
+    "text/plain": Bad(
+        "POST", LIST, 415, "unsupported_media_type", raw=b"{}", content_type="text/plain"
+    ),
+    "form encoded": Bad(
+        "POST",
+        LIST,
+        415,
+        "unsupported_media_type",
+        raw=b"input=1",
+        content_type="application/x-www-form-urlencoded",
+    ),
+    "multipart garbage": Bad(
+        "POST",
+        LIST,
+        415,
+        "unsupported_media_type",
+        raw=b"--x\r\n",
+        content_type="multipart/form-data; boundary=x",
+    ),
+    "latin-1 json": Bad(
+        "POST",
+        LIST,
+        415,
+        "unsupported_media_type",
+        body={"input": {}},
+        content_type="application/json; charset=latin-1",
+    ),
     "no content type": Bad("POST", LIST, 415, "unsupported_media_type", raw=b"", content_type=""),
     "body over the limit": Bad(
-        "POST", LIST, 413, "body_too_large",
+        "POST",
+        LIST,
+        413,
+        "body_too_large",
         raw=json.dumps({"input": {"x": "y" * LIMIT}}).encode(),
     ),
     "content-length over the limit": Bad(
-        "POST", LIST, 413, "body_too_large", body={"input": {}},
+        "POST",
+        LIST,
+        413,
+        "body_too_large",
+        body={"input": {}},
         extra={"CONTENT_LENGTH": str(LIMIT + 1)},
     ),
     "content-length of 5000 digits": Bad(
-        "POST", LIST, 413, "body_too_large", body={"input": {}},
+        "POST",
+        LIST,
+        413,
+        "body_too_large",
+        body={"input": {}},
         extra={"CONTENT_LENGTH": "9" * 5000},
     ),
     "content-length not a number": Bad(
@@ -137,26 +172,30 @@ CASES = {
     # tasks that are not there
     "malformed uuid": Bad("GET", "/api/distributed-tasks/chaos/12345", 404, "not_found"),
     "unknown task": Bad(
-        "GET", "/api/distributed-tasks/chaos/2b5e0c3a-0000-4000-8000-000000000000", 404,
+        "GET",
+        "/api/distributed-tasks/chaos/2b5e0c3a-0000-4000-8000-000000000000",
+        404,
         "not_found",
     ),
-    "task of another saga": Bad("GET", "/api/distributed-tasks/create-zip/{task}", 404,
-                                "not_found"),
+    "task of another saga": Bad(
+        "GET", "/api/distributed-tasks/create-zip/{task}", 404, "not_found"
+    ),
     "cancel malformed uuid": Bad("DELETE", "/api/distributed-tasks/chaos/x%20y", 404, "not_found"),
     # cancel bodies
     "cancel reason not a string": Bad("DELETE", TASK, 400, "invalid_body", body={"reason": 7}),
-    "cancel reason too long": Bad("DELETE", TASK, 400, "invalid_body",
-                                  body={"reason": "r" * 2001}),
+    "cancel reason too long": Bad("DELETE", TASK, 400, "invalid_body", body={"reason": "r" * 2001}),
     "cancel unknown field": Bad("DELETE", TASK, 400, "invalid_body", body={"why": "x"}),
     "cancel body not json": Bad("DELETE", TASK, 400, "invalid_json", raw=b"because"),
-    "cancel body text/plain": Bad("DELETE", TASK, 415, "unsupported_media_type",
-                                  raw=b"because", content_type="text/plain"),
+    "cancel body text/plain": Bad(
+        "DELETE", TASK, 415, "unsupported_media_type", raw=b"because", content_type="text/plain"
+    ),
     # paths
     "unknown path": Bad("GET", "/api/nothing", 404, "not_found"),
     "unknown path with slash": Bad("GET", "/api/nothing/", 404, "not_found"),
     "bare /api": Bad("GET", "/api", 404, "not_found"),
-    "list without its slash": Bad("POST", "/api/distributed-tasks/chaos", 404, "not_found",
-                                  body={"input": {}}),
+    "list without its slash": Bad(
+        "POST", "/api/distributed-tasks/chaos", 404, "not_found", body={"input": {}}
+    ),
     "task with a slash": Bad("DELETE", TASK + "/", 404, "not_found"),
     "health with a slash": Bad("GET", "/api/health/", 404, "not_found"),
 }

@@ -36,9 +36,7 @@ def test_every_documented_operation_answers_as_documented(api, anonymous):
     anonymous.get("/api/health")
     anonymous.get("/api/openapi.json")
 
-    called = {
-        (method.lower(), _template(path)) for method, path, _ in [*api.seen, *anonymous.seen]
-    }
+    called = {(method.lower(), _template(path)) for method, path, _ in [*api.seen, *anonymous.seen]}
     documented = {
         (method, template)
         for template, operations in DOCUMENT["paths"].items()

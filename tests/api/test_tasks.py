@@ -53,9 +53,7 @@ def test_a_business_key_replay_returns_the_same_task_with_200(api):
 def test_a_business_key_used_with_another_input_is_a_conflict(api):
     api.post(tasks_url(), {"input": {}, "business_key": "order-3"})
     counts = row_counts()
-    response = api.post(
-        tasks_url(), {"input": {"fail": {"ship": 1}}, "business_key": "order-3"}
-    )
+    response = api.post(tasks_url(), {"input": {"fail": {"ship": 1}}, "business_key": "order-3"})
     assert response.status_code == 409
     assert response.json()["outcome"] == "business_key_conflict"
     assert response.json()["error"] == "business_key_conflict"

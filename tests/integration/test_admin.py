@@ -76,8 +76,9 @@ def test_detail_shows_steps_attempts_and_audit_escaped(logged_in):
     step = StepRecord.objects.get(task=task, name="reserve")
     transition(task, TaskStatus.RUNNING, fields={"current_step": "reserve"})
     transition_step(step, StepStatus.RUNNING)
-    StepAttempt.objects.create(step=step, kind="action", number=1, outcome="failed",
-                               worker="w1", error=hostile)
+    StepAttempt.objects.create(
+        step=step, kind="action", number=1, outcome="failed", worker="w1", error=hostile
+    )
     transition_step(step, StepStatus.FAILED, fields={"error": hostile})
     response = logged_in.get(detail_url(task))
     assert response.status_code == 200
@@ -94,18 +95,22 @@ def test_nothing_can_be_added_changed_or_deleted(logged_in, operator):
     operator.save()
     task, _ = start("chaos", {})
     assert logged_in.get(reverse("admin:sagas_taskinstance_add")).status_code == 403
-    assert logged_in.get(reverse("admin:sagas_taskinstance_delete", args=[task.pk])).status_code \
-        == 403
+    assert (
+        logged_in.get(reverse("admin:sagas_taskinstance_delete", args=[task.pk])).status_code == 403
+    )
     response = logged_in.post(detail_url(task), {"saga": "other", "status": "completed"})
     assert response.status_code == 403
     entry = AuditEntry.objects.get(task=task)
     assert logged_in.get(reverse("admin:sagas_auditentry_add")).status_code == 403
-    assert logged_in.get(
-        reverse("admin:sagas_auditentry_delete", args=[entry.pk])
-    ).status_code == 403
-    assert logged_in.post(
-        reverse("admin:sagas_auditentry_change", args=[entry.pk]), {"action": "x"}
-    ).status_code == 403
+    assert (
+        logged_in.get(reverse("admin:sagas_auditentry_delete", args=[entry.pk])).status_code == 403
+    )
+    assert (
+        logged_in.post(
+            reverse("admin:sagas_auditentry_change", args=[entry.pk]), {"action": "x"}
+        ).status_code
+        == 403
+    )
     task.refresh_from_db()
     assert (task.saga, task.status) == ("chaos", "pending")
     assert AuditEntry.objects.get(pk=entry.pk).action == "started"

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.django_db
 
 
 def test_start_creates_the_task_its_steps_and_a_started_audit_entry(operator):
-    task, created = start("chaos", {"fail": {"charge": 2}}, correlation_id="order-77",
-                          actor=operator)
+    task, created = start(
+        "chaos", {"fail": {"charge": 2}}, correlation_id="order-77", actor=operator
+    )
     assert created
     task.refresh_from_db()
     assert task.status == "pending"
@@ -27,7 +28,9 @@ def test_start_creates_the_task_its_steps_and_a_started_audit_entry(operator):
     assert len(task.trace_id) == 32 and int(task.trace_id, 16)
     steps = list(task.steps.order_by("index"))
     assert [(s.index, s.name, s.status) for s in steps] == [
-        (0, "reserve", "pending"), (1, "charge", "pending"), (2, "ship", "pending"),
+        (0, "reserve", "pending"),
+        (1, "charge", "pending"),
+        (2, "ship", "pending"),
     ]
     assert all(s.trace_id == task.trace_id and len(s.span_id) == 16 for s in steps)
     entry = AuditEntry.objects.get(task=task)

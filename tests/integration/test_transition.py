@@ -22,8 +22,13 @@ def task():
 
 
 def test_a_won_transition_bumps_the_version_and_writes_one_audit_entry(task, operator):
-    assert transition(task, TaskStatus.RUNNING, actor=operator, details={"why": "test"},
-                      fields={"current_step": "reserve"})
+    assert transition(
+        task,
+        TaskStatus.RUNNING,
+        actor=operator,
+        details={"why": "test"},
+        fields={"current_step": "reserve"},
+    )
     assert (task.status, task.version, task.current_step) == ("running", 1, "reserve")
     stored = TaskInstance.objects.get(pk=task.pk)
     assert (stored.status, stored.version, stored.current_step) == ("running", 1, "reserve")

@@ -22,8 +22,9 @@ def make_saga(name="orders"):
     saga = Saga(name, cancellable=True, s3_prefix="orders/", lock_expiry_s=30)
 
     @saga.step(
-        retry=RetryPolicy(max_retries=5, backoff="exponential", base_delay_ms=200,
-                          on_exhausted="compensate"),
+        retry=RetryPolicy(
+            max_retries=5, backoff="exponential", base_delay_ms=200, on_exhausted="compensate"
+        ),
         breaker=CircuitBreakerPolicy("s3", failure_threshold=5, open_seconds=30),
         timeout_s=300,
     )

@@ -7,8 +7,13 @@ from sagas.durations import parse_duration
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("90s", timedelta(seconds=90)), ("15m", timedelta(minutes=15)),
-     ("48h", timedelta(hours=48)), ("7d", timedelta(days=7)), (" 0s ", timedelta(0))],
+    [
+        ("90s", timedelta(seconds=90)),
+        ("15m", timedelta(minutes=15)),
+        ("48h", timedelta(hours=48)),
+        ("7d", timedelta(days=7)),
+        (" 0s ", timedelta(0)),
+    ],
 )
 def test_accepted_forms(text, expected):
     assert parse_duration(text) == expected

@@ -22,10 +22,20 @@ from sagas.states import (
 TASK_ALLOWED = {
     "pending": {"running", "waiting_retry", "cancelled", "cancelling", "dead_lettered"},
     "running": {
-        "waiting_retry", "completed", "compensating", "failed", "dead_lettered", "cancelling",
+        "waiting_retry",
+        "completed",
+        "compensating",
+        "failed",
+        "dead_lettered",
+        "cancelling",
     },
     "waiting_retry": {
-        "running", "compensating", "failed", "dead_lettered", "cancelling", "cancelled",
+        "running",
+        "compensating",
+        "failed",
+        "dead_lettered",
+        "cancelling",
+        "cancelled",
     },
     "compensating": {"compensated", "compensation_failed"},
     "cancelling": {"cancelled", "compensation_failed"},
