@@ -81,6 +81,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "sagas.api_errors.DebugJsonErrorsMiddleware",
 ]
 
 ROOT_URLCONF = "opsconsole.urls"

@@ -6,10 +6,14 @@ Outside ``/api/`` Django's own pages are kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
+from django.core import signals
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.log import log_response
 from django.views import csrf, defaults
 
 API_PREFIX = "/api/"
@@ -92,3 +96,34 @@ def csrf_rejection(reason: str) -> ApiError:
         f"CSRF verification failed ({reason}). Session requests that change data must send "
         "the X-CSRFToken header; API clients should use a bearer token instead.",
     )
+
+
+class DebugJsonErrorsMiddleware:
+    """With ``DJANGO_DEBUG`` on, Django answers an unhandled exception with its HTML debug
+    page and never calls ``handler500``; under ``/api/`` answer JSON anyway (naming the
+    exception, since this is a developer's machine). Logging and ``got_request_exception``
+    happen as Django would do them. Without DEBUG this does nothing: ``server_error`` runs.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not settings.DEBUG or not is_api_request(request):
+            return None
+        signals.got_request_exception.send(sender=None, request=request)
+        response = error_response(
+            500, "server_error", f"{type(exception).__name__}: {exception} (DEBUG is on)"
+        )
+        log_response(
+            "%s: %s",
+            "Internal Server Error",
+            request.path,
+            response=response,
+            request=request,
+            exception=exception,
+        )
+        return response

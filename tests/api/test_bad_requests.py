@@ -284,3 +284,20 @@ def test_a_500_under_the_api_is_json(client, monkeypatch):
 
 def test_missing_trailing_slash_outside_the_api_still_redirects(client):
     assert client.get("/admin").status_code == 301
+
+
+def test_a_500_under_the_api_is_json_even_with_debug_on(client, monkeypatch, settings):
+    from sagas import health
+
+    def explode():
+        raise RuntimeError("boom")
+
+    settings.DEBUG = True
+    monkeypatch.setattr(health, "failing_checks", explode)
+    client.raise_request_exception = False
+    response = client.get("/api/health")
+    assert (response.status_code, response["Content-Type"]) == (500, "application/json")
+    assert response.json() == {
+        "error": "server_error",
+        "detail": "RuntimeError: boom (DEBUG is on)",
+    }
