@@ -30,6 +30,7 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db.models.functions import Now
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq import get_current_job
@@ -332,7 +333,7 @@ def _mark_running(
         job_id=delivery.job_id,
         lock_token=lock.token,
         lock_key=lock.key,
-        heartbeat_at=now,
+        heartbeat_at=Now(),  # the database's clock, which the reaper judges by
     )
 
 
@@ -440,7 +441,7 @@ def _keep_alive(started: Started) -> None:
     try:
         alive = StepAttempt.objects.filter(
             pk=started.attempt.pk, outcome=AttemptOutcome.RUNNING
-        ).update(heartbeat_at=timezone.now())
+        ).update(heartbeat_at=Now())
         if not alive:
             _superseded(started)
     except DatabaseError as exc:

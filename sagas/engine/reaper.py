@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -48,9 +48,20 @@ class ReapReport:
     stopped_jobs: int = 0
 
 
+def database_now() -> datetime:
+    """The database's clock. Heartbeats are written with it (``Now()``), so a reaper on a
+    machine whose clock runs fast never takes a live attempt for a lost one."""
+    if connection.vendor != "postgresql":
+        return timezone.now()  # SQLite is embedded: it shares this machine's clock
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement_timestamp()")
+        row = cursor.fetchone()
+    return row[0]  # type: ignore[no-any-return]
+
+
 def reap(now: datetime | None = None, *, force: bool = False) -> ReapReport | None:
     """One reaper pass; None if another worker holds the fleet-wide reaper lock."""
-    now = now or timezone.now()
+    now = now or database_now()
     if not force and not _take_turn():
         return None
     report = ReapReport()

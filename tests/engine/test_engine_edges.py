@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 
 import pytest
 from redis import Redis
+from django.db.models.functions import Now
+from django.utils import timezone
 from rq import Queue
 
 from sagas.definitions import registry
@@ -15,9 +18,10 @@ from sagas.engine.connection import queue, redis
 from sagas.engine.locks import TaskLock
 from sagas.engine.logs import JsonFormatter, engine_logger
 from sagas.engine.reaper import reap
-from sagas.models import AuditEntry
+from sagas.models import AuditEntry, StepAttempt, StepRecord
 from sagas.services import start
-from sagas.states import AttemptKind
+from sagas.states import AttemptKind, StepStatus, TaskStatus
+from sagas.transitions import transition, transition_step
 from tests.engine.conftest import drain, run_to_end
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -135,3 +139,29 @@ def test_one_broken_item_does_not_stop_the_reaper(monkeypatch, settings):
     report = reap(force=True)
     assert report is not None
     assert [j for j in report.requeued_jobs if str(healthy.pk) in j]
+
+
+@pytest.mark.postgres
+def test_a_reaper_whose_clock_runs_fast_does_not_take_a_live_attempt_for_lost(monkeypatch):
+    task, _ = start("chaos", {})
+    step = task.steps.get(name="reserve")
+    transition(task, TaskStatus.RUNNING)
+    transition_step(step, StepStatus.RUNNING)
+    attempt = StepAttempt.objects.create(
+        step=step, kind="action", number=1, lock_token="t", worker="w", heartbeat_at=Now()
+    )
+    StepRecord.objects.filter(pk=step.pk).update(attempt_count=1)
+    fast = timezone.now() + timedelta(hours=1)  # this worker's clock is an hour ahead
+    monkeypatch.setattr(timezone, "now", lambda: fast)
+
+    report = reap(force=True)
+    assert report is not None and report.lost_attempts == []
+    attempt.refresh_from_db()
+    assert attempt.outcome == "running"
+
+    # Judged on the database's clock, an attempt that really went silent is still lost.
+    StepAttempt.objects.filter(pk=attempt.pk).update(heartbeat_at=Now() - timedelta(minutes=5))
+    report = reap(force=True)
+    assert report is not None and report.lost_attempts == [attempt.pk]
+    attempt.refresh_from_db()
+    assert attempt.outcome == "lost"
