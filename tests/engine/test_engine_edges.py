@@ -7,9 +7,9 @@ import logging
 from datetime import timedelta
 
 import pytest
-from redis import Redis
 from django.db.models.functions import Now
 from django.utils import timezone
+from redis import Redis
 from rq import Queue
 
 from sagas.definitions import registry
