@@ -217,3 +217,35 @@ early.compensate(lambda ctx: None)
 @timed.step
 def too_long(ctx: Any) -> None:
     _work(ctx, 20000)
+
+
+racing = Saga("first-answer", lock_expiry_s=10)
+
+
+@racing.step
+def ask(ctx: Any) -> dict[str, Any]:
+    return {"asked": True}
+
+
+ask.compensate(lambda ctx: None)
+answer = racing.parallel("answer", mode="race")
+
+
+@answer.branch(retry=RetryPolicy(max_retries=0))
+def quick(ctx: Any) -> dict[str, Any]:
+    """Settles first, with a failure if the input says so: the race follows it either way."""
+    _once_running(ctx, "slow")
+    _work(ctx, 200)
+    if ctx.input.get("quick_fails"):
+        raise RuntimeError("quick said no")
+    return {"answer": "quick"}
+
+
+@answer.branch
+def slow(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 5000)
+    return {"answer": "slow"}
+
+
+for _branch in (quick, slow):
+    _branch.compensate(lambda ctx: None)

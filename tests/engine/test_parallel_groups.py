@@ -164,3 +164,30 @@ def test_a_task_past_its_deadline_is_cancelled_by_the_system(workers):
     assert (requested.actor_name, requested.details["by"]) == ("system", "deadline")
     assert task.cancelled_at is not None
     assert (task.cancelled_at - task.created_at).total_seconds() < 2 + 4
+
+
+@pytest.mark.parametrize(
+    ("quick_fails", "task_status", "quick_status"),
+    [(False, "completed", "succeeded"), (True, "compensated", "failed")],
+    ids=["first-to-settle-succeeds", "first-to-settle-fails"],
+)
+def test_race_follows_the_first_branch_to_settle(workers, quick_fails, task_status, quick_status):
+    workers("w1")
+    workers("w2")
+    workers_up(2)
+    task, _ = start("first-answer", {"quick_fails": quick_fails})
+    wait_for(lambda: terminal(task), 60, message="first-answer did not finish")
+    assert task.status == task_status
+    steps = statuses(task)
+    assert steps["quick"] == quick_status
+    assert steps["slow"] == "cancelled"  # stopped as soon as the race was decided
+    group = task.steps.get(name="answer")
+    if quick_fails:
+        assert (group.status, steps["ask"]) == ("failed", "compensated")
+    else:
+        assert group.status == "succeeded"
+        assert group.data == {"quick": {"answer": "quick"}}
+        assert steps["ask"] == "succeeded"
+    slow = StepAttempt.objects.get(step__task=task, step__name="slow")
+    assert slow.finished_at is not None and slow.started_at is not None
+    assert (slow.finished_at - slow.started_at).total_seconds() < 4  # never ran its 5 s
