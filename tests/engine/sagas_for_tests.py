@@ -19,10 +19,12 @@ def call_service(ctx: Any) -> dict[str, Any]:
     return {"called": True}
 
 
-slow = Saga("slow-step", lock_expiry_s=10)
+slow_step = Saga("slow-step", lock_expiry_s=10)
 
 
-@slow.step(retry=RetryPolicy(max_retries=1, backoff="constant", base_delay_ms=10), timeout_s=0.5)
+@slow_step.step(
+    retry=RetryPolicy(max_retries=1, backoff="constant", base_delay_ms=10), timeout_s=0.5
+)
 def stubborn(ctx: Any) -> dict[str, Any]:
     """Sleeps past its timeout on the first attempt, swallowing every ordinary exception."""
     if ctx.attempt == 1:
@@ -247,5 +249,5 @@ def slow(ctx: Any) -> dict[str, Any]:
     return {"answer": "slow"}
 
 
-for _branch in (quick, slow):
-    _branch.compensate(lambda ctx: None)
+for _racer in (quick, slow):
+    _racer.compensate(lambda ctx: None)
