@@ -26,7 +26,7 @@ from rq.job import Job, JobStatus
 from sagas import audit
 from sagas.audit import AuditAction
 from sagas.definitions import UnknownSaga, registry
-from sagas.engine import cancellation, dispatch
+from sagas.engine import cancellation, dispatch, flow
 from sagas.engine.connection import key, queue, redis
 from sagas.engine.executor import Outcome, settle_dead_attempt
 from sagas.models import StepAttempt, StepRecord, TaskInstance
@@ -156,6 +156,9 @@ def requeue_missing_jobs(now: datetime) -> list[str]:
 
 
 def _requeue_task_jobs(task: TaskInstance, now: datetime) -> list[str]:
+    # Decide on fresh rows with the task locked: a worker may have just scheduled its next
+    # job, and a stale job id written here would hide that job from the next pass.
+    task = flow.locked_task(task.pk)
     requeued = []
     for step, kind in expected_jobs(task):
         if not _overdue(step, now):
@@ -240,13 +243,10 @@ def _enqueue_again(task: TaskInstance, step: StepRecord, kind: str) -> str:
         step.compensation_attempt_count if kind == AttemptKind.COMPENSATION else step.attempt_count
     ) + 1
     suffix = f"r{int(timezone.now().timestamp())}"
-    jid = dispatch.job_id(task.pk, step.name, kind, attempt, suffix)
-    StepRecord.objects.filter(pk=step.pk).update(job_id=jid)
     definition = _definition(task, step.name)
     timeout = definition.timeout_s if definition else None
-    if not dispatch.enqueue(str(task.pk), step.name, kind, attempt, jid, None, timeout):
-        return ""
-    logger.warning("reaper re-enqueued %s for task %s (%s)", jid, task.pk, task.status)
+    jid = dispatch.schedule(step, kind, attempt, suffix=suffix, step_timeout_s=timeout)
+    logger.warning("reaper re-enqueues %s for task %s (%s)", jid, task.pk, task.status)
     return jid
 
 
