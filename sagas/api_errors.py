@@ -11,12 +11,19 @@ from typing import Any
 
 from django.conf import settings
 from django.core import signals
-from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.core.exceptions import (
+    BadRequest,
+    PermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+)
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from django.views import csrf, defaults
 
 API_PREFIX = "/api/"
+# Exceptions Django answers with a 4xx (through handler400/403/404), DEBUG or not.
+MAPPED_BY_DJANGO = (Http404, PermissionDenied, BadRequest, SuspiciousOperation)
 
 
 class ApiError(Exception):
@@ -109,11 +116,18 @@ class DebugJsonErrorsMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        return self.get_response(request)
+        response = self.get_response(request)
+        if settings.DEBUG and response.status_code == 404 and _html_under_api(request, response):
+            return not_found_response(request)  # Django's debug 404 page for an unknown URL
+        return response
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         if not settings.DEBUG or not is_api_request(request):
             return None
+        if isinstance(exception, Http404):
+            return not_found_response(request)
+        if isinstance(exception, MAPPED_BY_DJANGO):
+            return None  # Django answers these with a 4xx
         signals.got_request_exception.send(sender=None, request=request)
         response = error_response(
             500, "server_error", f"{type(exception).__name__}: {exception} (DEBUG is on)"
@@ -127,3 +141,7 @@ class DebugJsonErrorsMiddleware:
             exception=exception,
         )
         return response
+
+
+def _html_under_api(request: HttpRequest, response: HttpResponse) -> bool:
+    return is_api_request(request) and response.get("Content-Type", "").startswith("text/html")

@@ -145,6 +145,10 @@ def _decide(task: TaskInstance, actor: Actor, reason: str, by: str) -> CancelOut
         return CancelOutcome("already_completed", task.status, 409, task)
     if task.status not in CANCELLABLE:
         return CancelOutcome("already_finished", task.status, 409, task)
+    if by == "deadline" and flow.work_done(flow.steps_of(task)):
+        # Its work is done and only stopped branches are winding down: that is not
+        # "still active at the deadline", and undoing the work now would be wrong.
+        return CancelOutcome("work_done", task.status, 409, task)
     audit.record(
         task,
         AuditAction.CANCEL_REQUESTED,

@@ -682,7 +682,7 @@ def _definition_missing(
             if step.status == StepStatus.SUCCEEDED:
                 flow.move_step(step, StepStatus.COMPENSATING)
             flow.compensation_failed_for_good(task, step, _missing_message(task, step.name), "")
-            flow.compensate_next(task, None)
+            _undo_done(task, step, None)
 
 
 def _requeue_for_lock(

@@ -82,7 +82,7 @@ def advance(task: TaskInstance, saga: Saga | None) -> None:
         return
     steps = steps_of(task)
     nodes = [s for s in steps if not s.group]
-    if all(done(s) for s in nodes):
+    if work_done(steps):
         if any(winding_down(s) for s in steps):
             sync_activity(task)  # the last straggler to settle completes the task
             return
@@ -100,6 +100,11 @@ def advance(task: TaskInstance, saga: Saga | None) -> None:
         if node.status == StepStatus.PENDING and set(node.after) <= finished:
             start_node(task, node, saga)
     sync_activity(task)
+
+
+def work_done(steps: list[StepRecord]) -> bool:
+    """Every step and group the task needs has finished (stopped branches may wind down)."""
+    return all(done(s) for s in steps if not s.group)
 
 
 def winding_down(step: StepRecord) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
@@ -61,11 +61,13 @@ def database_now() -> datetime:
 
 def reap(now: datetime | None = None, *, force: bool = False) -> ReapReport | None:
     """One reaper pass; None if another worker holds the fleet-wide reaper lock."""
-    now = now or database_now()
     if not force and not _take_turn():
         return None
     report = ReapReport()
-    report.lost_attempts = reap_lost_attempts(now)
+    # Heartbeats are written on the database's clock; the other times it compares (retry
+    # times, updates, deadlines, RQ's own) come from the workers' clocks.
+    report.lost_attempts = reap_lost_attempts(now or database_now())
+    now = now or timezone.now()
     report.requeued_jobs = requeue_missing_jobs(now)
     report.deadlines = cancel_past_deadline(now)
     report.stopped_jobs = enforce_cancellations(now)
@@ -290,5 +292,30 @@ def enforce_cancellations(now: datetime) -> int:
     for attempt in attempts:
         with contextlib.suppress(RedisError):
             cancellation.signal_task(redis(), attempt.step.task_id)
+        stopped += bool(_guarded(cancellation.stop_attempt_job, attempt))
+    return stopped + stop_unneeded_branches(late)
+
+
+def stop_unneeded_branches(late: datetime) -> int:
+    """Branches still running well after their group decided without them (their stop
+    signal may have been lost): their task cannot complete until they stop."""
+    decided = StepRecord.objects.filter(
+        task=OuterRef("step__task"),
+        name=OuterRef("step__group"),
+        is_group=True,
+        finished_at__lt=late,
+    ).exclude(status=StepStatus.RUNNING)
+    attempts = (
+        StepAttempt.objects.filter(outcome=AttemptOutcome.RUNNING, kind=AttemptKind.ACTION)
+        .exclude(step__group="")
+        .filter(Exists(decided))
+        .select_related("step")
+    )
+    stopped = 0
+    for attempt in attempts:
+        address = cancellation.AttemptAddress(
+            str(attempt.step.task_id), attempt.step.name, attempt.kind, attempt.number
+        )
+        cancellation.signal_attempt_safely(address)
         stopped += bool(_guarded(cancellation.stop_attempt_job, attempt))
     return stopped

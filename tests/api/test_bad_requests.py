@@ -301,3 +301,19 @@ def test_a_500_under_the_api_is_json_even_with_debug_on(client, monkeypatch, set
         "error": "server_error",
         "detail": "RuntimeError: boom (DEBUG is on)",
     }
+
+
+def test_with_debug_on_404s_under_the_api_are_still_json(client, monkeypatch, settings):
+    from django.http import Http404
+
+    from sagas import health
+
+    def missing():
+        raise Http404("no such thing")
+
+    settings.DEBUG = True
+    monkeypatch.setattr(health, "failing_checks", missing)
+    response = client.get("/api/health")
+    assert (response.status_code, response["Content-Type"]) == (404, "application/json")
+    unknown = client.get("/api/no-such-thing/")
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found")

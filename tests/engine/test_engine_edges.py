@@ -7,18 +7,19 @@ import logging
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 from redis import Redis
 from rq import Queue
 
 from sagas.definitions import registry
-from sagas.engine import dispatch
+from sagas.engine import cancellation, dispatch, flow
 from sagas.engine.connection import queue, redis
 from sagas.engine.locks import TaskLock
 from sagas.engine.logs import JsonFormatter, engine_logger
 from sagas.engine.reaper import reap
-from sagas.models import AuditEntry, StepAttempt, StepRecord
+from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
 from sagas.services import start
 from sagas.states import AttemptKind, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
@@ -165,3 +166,64 @@ def test_a_reaper_whose_clock_runs_fast_does_not_take_a_live_attempt_for_lost(mo
     assert report is not None and report.lost_attempts == [attempt.pk]
     attempt.refresh_from_db()
     assert attempt.outcome == "lost"
+
+
+def first_hotel_decided_while_stubborn_runs() -> tuple[TaskInstance, dict[str, StepRecord]]:
+    """first-hotel after fast_hotel won: slow_hotel never started, stubborn_hotel still runs."""
+    task, _ = start("first-hotel", {})
+    queue().empty()  # the branches' own jobs: their outcome is written here
+    with transaction.atomic():
+        flow.move(task, TaskStatus.RUNNING)
+        steps = {s.name: s for s in flow.steps_of(task)}
+        for name in ("fast_hotel", "stubborn_hotel"):
+            flow.move_step(steps[name], StepStatus.RUNNING)
+        flow.move_step(steps["fast_hotel"], StepStatus.SUCCEEDED)
+        flow.move_step(steps["slow_hotel"], StepStatus.SKIPPED)
+        flow.move_step(steps["offers"], StepStatus.SUCCEEDED, finished_at=timezone.now())
+    return task, steps
+
+
+def test_a_late_branch_whose_undo_code_vanished_still_lets_its_task_complete(monkeypatch):
+    task, steps = first_hotel_decided_while_stubborn_runs()
+    with transaction.atomic():  # stubborn_hotel finished late and waits for its own undo
+        flow.move_step(steps["stubborn_hotel"], StepStatus.SUCCEEDED)
+        StepRecord.objects.filter(pk=steps["stubborn_hotel"].pk).update(compensate_alone=True)
+        flow.schedule_compensation(steps["stubborn_hotel"], registry.get("first-hotel"))
+    # ... and a deploy removed stubborn_hotel before its undo ran.
+    saga = registry.get("first-hotel")
+    original = saga.get_step
+    monkeypatch.setattr(
+        saga, "get_step", lambda name: None if name == "stubborn_hotel" else original(name)
+    )
+
+    task = run_to_end(task, timeout=30)
+    assert task.status == "completed"
+    stubborn = task.steps.get(name="stubborn_hotel")
+    assert stubborn.status == "compensation_failed"
+    assert "no longer exists in the deployed code" in stubborn.compensation_error
+    assert AuditEntry.objects.filter(task=task, action="compensation_failed").count() == 1
+
+
+def test_a_deadline_does_not_undo_a_task_whose_work_is_done():
+    task, _ = first_hotel_decided_while_stubborn_runs()
+    outcome = cancellation.request(task.pk, None, "deadline passed", by="deadline")
+    assert outcome.outcome == "work_done"
+    task.refresh_from_db()
+    assert task.status == "running"  # stubborn_hotel still runs; nothing was undone
+    assert not AuditEntry.objects.filter(task=task, action="cancel_requested").exists()
+
+
+def test_the_reaper_stops_a_branch_still_running_long_after_its_group_decided(settings):
+    settings.SAGAS_CANCEL_GRACE = 0
+    settings.SAGAS_REAPER_GRACE = 0
+    task, steps = first_hotel_decided_while_stubborn_runs()
+    attempt = StepAttempt.objects.create(
+        step=steps["stubborn_hotel"], kind="action", number=1, job_id="saga-x", worker="w"
+    )
+    address = cancellation.AttemptAddress(str(task.pk), "stubborn_hotel", "action", 1)
+    assert cancellation.signalled_at(redis(), address) is None  # its stop signal was lost
+
+    reap(now=timezone.now() + timedelta(seconds=1), force=True)
+    assert cancellation.signalled_at(redis(), address) is not None
+    attempt.refresh_from_db()
+    assert attempt.outcome == "running"  # the worker's parent records the stop, not the reaper
