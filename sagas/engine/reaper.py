@@ -161,6 +161,8 @@ def _requeue_task_jobs(task: TaskInstance, now: datetime) -> list[str]:
     # Decide on fresh rows with the task locked: a worker may have just scheduled its next
     # job, and a stale job id written here would hide that job from the next pass.
     task = flow.locked_task(task.pk)
+    if task.updated_at >= now - _grace():
+        return []  # it moved since we looked: not stale any more
     requeued = []
     for step, kind in expected_jobs(task):
         if not _overdue(step, now):
