@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -290,12 +290,7 @@ def enforce_cancellations(now: datetime) -> int:
         step__task__status=TaskStatus.CANCELLING,
         step__task__cancel_requested_at__lt=late,
     ).select_related("step")
-    stopped = 0
-    for attempt in attempts:
-        with contextlib.suppress(RedisError):
-            cancellation.signal_task(redis(), attempt.step.task_id)
-        stopped += bool(_guarded(cancellation.stop_attempt_job, attempt))
-    return stopped + stop_unneeded_branches(late)
+    return _signal_and_stop(attempts, _signal_its_task) + stop_unneeded_branches(late)
 
 
 def stop_unneeded_branches(late: datetime) -> int:
@@ -313,11 +308,26 @@ def stop_unneeded_branches(late: datetime) -> int:
         .filter(Exists(decided))
         .select_related("step")
     )
+    return _signal_and_stop(attempts, _signal_the_attempt)
+
+
+def _signal_and_stop(attempts: Iterable[StepAttempt], signal: Callable[[StepAttempt], None]) -> int:
+    """Repeat the stop signal, then stop the job outright (its worker's parent records it)."""
     stopped = 0
     for attempt in attempts:
-        address = cancellation.AttemptAddress(
-            str(attempt.step.task_id), attempt.step.name, attempt.kind, attempt.number
-        )
-        cancellation.signal_attempt_safely(address)
+        signal(attempt)
         stopped += bool(_guarded(cancellation.stop_attempt_job, attempt))
     return stopped
+
+
+def _signal_its_task(attempt: StepAttempt) -> None:
+    with contextlib.suppress(RedisError):
+        cancellation.signal_task(redis(), attempt.step.task_id)
+
+
+def _signal_the_attempt(attempt: StepAttempt) -> None:
+    cancellation.signal_attempt_safely(
+        cancellation.AttemptAddress(
+            str(attempt.step.task_id), attempt.step.name, attempt.kind, attempt.number
+        )
+    )
