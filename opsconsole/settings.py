@@ -114,8 +114,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Web server, worker and demo share one file: WAL lets readers work beside the writer,
     # IMMEDIATE transactions queue writers up front instead of failing on lock upgrade.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "transaction_mode": "IMMEDIATE",
-         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
     )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 
@@ -166,6 +169,17 @@ SAGAS_CANCEL_GRACE = env_seconds("SAGAS_CANCEL_GRACE", "10s")
 SAGAS_JOB_TIMEOUT = env_seconds("SAGAS_JOB_TIMEOUT", "1h")
 # How many times a job that finds its task locked is re-queued before the reaper takes over.
 SAGAS_LOCK_REQUEUES = env_int("SAGAS_LOCK_REQUEUES", 5)
+# How many times a worker without a step's code (an old worker in a rolling deploy) hands
+# the job back for a worker that has it, with growing delays, before the task is parked.
+SAGAS_CODE_REQUEUES = env_int("SAGAS_CODE_REQUEUES", 6)
+# How long a finished step keeps trying to record its outcome while the database is
+# unreachable (a restart, a managed failover), with backoff.
+SAGAS_SETTLE_RETRY_FOR = env_seconds("SAGAS_SETTLE_RETRY_FOR", "2m")
+# The one definition of a stuck task: active, nothing running or queued for it, and
+# unchanged for longer than this.
+SAGAS_STUCK_AFTER = env_seconds("SAGAS_STUCK_AFTER", "15m")
+# How many candidates one reaper job handles before it hands the rest of its pass on.
+SAGAS_REAPER_BATCH = env_int("SAGAS_REAPER_BATCH", 500)
 # Optional URL that receives a JSON POST when a task ends in compensation_failed.
 SAGAS_COMPENSATION_FAILED_WEBHOOK = os.environ.get("SAGAS_COMPENSATION_FAILED_WEBHOOK", "")
 

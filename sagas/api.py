@@ -24,10 +24,10 @@ from django.views.decorators.csrf import csrf_exempt
 from sagas import authentication, health, openapi, services
 from sagas.api_errors import ApiError, error_response, not_found_response
 from sagas.definitions import UnknownSaga, registry
-from sagas.engine.cancellation import CancelOutcome
 from sagas.models import TaskInstance
 from sagas.pagination import Cursor, InvalidCursor, newest_first
 from sagas.representations import task_detail, task_summary
+from sagas.services import CancelOutcome
 from sagas.states import TaskStatus
 
 VIEW = "sagas.view_taskinstance"

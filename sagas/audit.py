@@ -30,6 +30,7 @@ class AuditAction(TextChoices):
     BREAKER_OPEN = "breaker_open"
     DUPLICATE_DELIVERY = "duplicate_delivery"
     LOCK_BUSY = "lock_busy"
+    CODE_MISSING = "code_missing"
     ATTEMPT_LOST = "attempt_lost"
     COMPENSATION_STARTED = "compensation_started"
     STEP_COMPENSATED = "step_compensated"

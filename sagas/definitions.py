@@ -164,7 +164,10 @@ class ParallelGroup:
 
     Modes: ``all`` (every branch must succeed), ``all_settled`` (succeeds with each
     branch's result or structured error), ``any`` (the first success wins), ``race``
-    (the first branch to settle decides). ``timeout_s`` bounds the whole group.
+    (the first branch to settle decides). ``timeout_s`` bounds the group's work: it counts
+    from the moment its first branch starts, so time spent waiting for a worker is not
+    charged to it. ``schedule_to_close_s`` caps the whole group from the moment it is
+    scheduled, queue time included, for callers who need an answer by then.
     """
 
     saga: Saga
@@ -173,6 +176,7 @@ class ParallelGroup:
     timeout_s: float | None = None
     after: tuple[str, ...] | None = None
     critical: bool = True
+    schedule_to_close_s: float | None = None
     branches: list[StepDefinition] = field(default_factory=list)
 
     @overload
@@ -313,6 +317,7 @@ class Saga:
         timeout_s: float | None = None,
         after: list[str] | tuple[str, ...] | None = None,
         critical: bool = True,
+        schedule_to_close_s: float | None = None,
     ) -> ParallelGroup:
         """Declare a parallel group; add its branches with ``@group.branch``."""
         self._check_step_name(name)
@@ -322,7 +327,10 @@ class Saga:
                 f"use one of {', '.join(GROUP_MODES)}"
             )
         self._check_step_options(None, None, timeout_s)
-        group = ParallelGroup(self, name, mode, timeout_s, self._check_after(after), critical)
+        self._check_seconds("schedule_to_close_s", schedule_to_close_s)
+        group = ParallelGroup(
+            self, name, mode, timeout_s, self._check_after(after), critical, schedule_to_close_s
+        )
         self.nodes.append(group)
         return group
 
@@ -381,10 +389,13 @@ class Saga:
             raise ValueError(f"saga {self.name!r}: retry must be a RetryPolicy")
         if breaker is not None and not isinstance(breaker, CircuitBreakerPolicy):
             raise ValueError(f"saga {self.name!r}: breaker must be a CircuitBreakerPolicy")
-        if timeout_s is not None and (
-            isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0
+        self._check_seconds("timeout_s", timeout_s)
+
+    def _check_seconds(self, name: str, value: float | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
         ):
-            raise ValueError(f"saga {self.name!r}: timeout_s must be a positive number")
+            raise ValueError(f"saga {self.name!r}: {name} must be a positive number")
 
     def get_step(self, name: str) -> StepDefinition | None:
         return next((s for s in self.steps if s.name == name), None)

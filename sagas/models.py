@@ -68,6 +68,12 @@ class TaskInstance(models.Model):
         related_name="+",
     )
     cancel_reason = models.TextField(blank=True)
+    # The saga's deadline_s, on the database's clock (the reaper compares on that clock only).
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    # When the reaper should look at this task if nothing else happens first: the earliest
+    # expected job plus its grace, a cancel or group stop overdue, or the deadline. NULL
+    # while only attempts with live heartbeats run, and for tasks that need nothing.
+    wake_at = models.DateTimeField(null=True, blank=True, editable=False)
     resolved_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -96,6 +102,12 @@ class TaskInstance(models.Model):
             ),
             models.Index(fields=["business_key"], name="task_business_key_idx"),
             models.Index(fields=["correlation_id"], name="task_correlation_idx"),
+            # The reaper's only way in to tasks: those whose wake-up time has passed.
+            models.Index(
+                fields=["wake_at", "id"],
+                condition=Q(wake_at__isnull=False),
+                name="task_wake_idx",
+            ),
         ]
         permissions = [("cancel_taskinstance", "Can cancel a running task")]
 
@@ -122,8 +134,12 @@ class StepRecord(models.Model):
     is_group = models.BooleanField(default=False)
     group = models.CharField(max_length=100, blank=True)
     group_mode = models.CharField(max_length=16, blank=True)
+    # A group's timeout_s counts from its first branch's start (deadline_at); its
+    # schedule-to-close cap counts from the group's start, queue time included.
     group_timeout_s = models.FloatField(null=True, blank=True)
+    group_schedule_to_close_s = models.FloatField(null=True, blank=True)
     deadline_at = models.DateTimeField(null=True, blank=True)
+    schedule_deadline_at = models.DateTimeField(null=True, blank=True)
     # A branch that succeeded after its group had decided without it: undo it on its own.
     compensate_alone = models.BooleanField(default=False)
     version = models.PositiveIntegerField(default=0)
@@ -155,10 +171,6 @@ class StepRecord(models.Model):
                 condition=Q(progress__gte=0, progress__lte=100), name="step_progress_0_100"
             ),
         ]
-        indexes = [
-            # The reaper looks for overdue retries.
-            models.Index(fields=["status", "next_attempt_at"], name="step_status_next_idx"),
-        ]
 
     def __str__(self) -> str:
         return f"{self.index}. {self.name} ({self.status})"
@@ -183,6 +195,9 @@ class StepAttempt(models.Model):
     lock_key = models.CharField(max_length=300, blank=True)
     started_at = models.DateTimeField(auto_now_add=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # heartbeat_at plus the saga's lock expiry, on the database's clock: past it, with no
+    # newer beat, the attempt counts as lost.
+    heartbeat_expires_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     traceback = models.TextField(blank=True)
@@ -201,8 +216,12 @@ class StepAttempt(models.Model):
             ),
         ]
         indexes = [
-            # The reaper looks for running attempts with a stale heartbeat.
-            models.Index(fields=["outcome", "heartbeat_at"], name="attempt_outcome_hb_idx"),
+            # The reaper looks for running attempts whose heartbeat expired.
+            models.Index(
+                fields=["heartbeat_expires_at", "id"],
+                condition=Q(outcome=AttemptOutcome.RUNNING),
+                name="attempt_running_hb_idx",
+            ),
             # The worker's parent finds the attempt of a killed or stopped job.
             models.Index(fields=["job_id"], name="attempt_job_idx"),
         ]

@@ -6,19 +6,20 @@ import json
 import secrets
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.utils import timezone
+from django.db.models.functions import Now
 
 from sagas import audit
 from sagas.audit import AuditAction
 from sagas.definitions import ParallelGroup, Saga, registry
-from sagas.engine import cancellation, flow
-from sagas.engine.cancellation import CancelOutcome
-from sagas.models import StepRecord, TaskInstance
-from sagas.states import CompensationReason, StepStatus, TaskStatus
+from sagas.engine import apply, deadlines, decisions, requests
+from sagas.engine.apply import Loaded
+from sagas.engine.requests import CancelOutcome
+from sagas.models import AuditEntry, StepRecord, TaskInstance
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -167,6 +168,7 @@ def _step_records(saga: Saga, task: TaskInstance) -> list[StepRecord]:
                 is_group=True,
                 group_mode=node.mode,
                 group_timeout_s=node.timeout_s,
+                group_schedule_to_close_s=node.schedule_to_close_s,
             )
             for branch in node.branches:
                 row(branch.name, group=node.name)
@@ -188,6 +190,8 @@ def _create_task(
         business_key=business_key,
         correlation_id=correlation_id or str(uuid.uuid4()),
         trace_id=secrets.token_hex(16),
+        # On the database's clock, like every time the reaper compares.
+        deadline_at=Now() + timedelta(seconds=saga.deadline_s) if saga.deadline_s else None,
     )
     StepRecord.objects.bulk_create(_step_records(saga, task))
     audit.record(
@@ -198,10 +202,12 @@ def _create_task(
         details={"steps": [s.name for s in saga.steps], "business_key": business_key},
     )
     # The first level is recorded now and enqueued only once this transaction commits.
-    flow.advance(task, saga)
+    loaded = apply.load(task.pk)
+    decisions.advance(loaded.plan)
+    apply.apply(loaded)
     if saga.deadline_s:
-        cancellation.schedule_deadline(task, saga.deadline_s)
-    return task
+        deadlines.schedule(loaded.task, saga.deadline_s)
+    return loaded.task
 
 
 class TaskNotFound(LookupError):
@@ -220,17 +226,21 @@ class ActionNotAllowed(Exception):
         self.status = task.status
 
 
-RESOLVABLE = (TaskStatus.COMPENSATION_FAILED, TaskStatus.FAILED, TaskStatus.DEAD_LETTERED)
+def _operate(task_id: Any, operation: Any) -> TaskInstance:
+    """Decide an operator's action on the task's locked rows (``requests``)."""
+    pk = _uuid_or_none(task_id)
+    if pk is None or not TaskInstance.objects.filter(pk=pk).exists():
+        raise TaskNotFound(f"no task {task_id}")
 
+    def decide(loaded: Loaded) -> TaskInstance:
+        try:
+            operation(loaded)
+        except requests.NotAllowed as refused:
+            loaded.plan.effects.clear()
+            raise ActionNotAllowed(loaded.task, refused.operation, refused.allowed) from None
+        return loaded.task
 
-def _locked(task_id: Any, operation: str, allowed: tuple[str, ...]) -> TaskInstance:
-    try:
-        task = flow.locked_task(task_id)
-    except (TaskInstance.DoesNotExist, ValidationError, ValueError):
-        raise TaskNotFound(f"no task {task_id}") from None
-    if task.status not in allowed:
-        raise ActionNotAllowed(task, operation, allowed)
-    return task
+    return apply.decide(pk, decide)
 
 
 def _require_text(name: str, value: Any) -> str:
@@ -239,81 +249,38 @@ def _require_text(name: str, value: Any) -> str:
     return value.strip()
 
 
-@transaction.atomic
 def resolve(task_id: Any, actor: Actor, note: str) -> TaskInstance:
     """Close a parked task by hand (after fixing things outside); the note is mandatory."""
     note = _require_text("note", note)
-    task = _locked(task_id, "resolve", RESOLVABLE)
-    flow.skip_unstarted(task)
-    flow.move(
-        task,
-        TaskStatus.RESOLVED,
-        AuditAction.RESOLVED,
-        actor=actor,
-        details={"note": note},
-        fields={"resolved_by": actor, "resolution_note": note, "finished_at": timezone.now()},
-    )
-    return task
+    return _operate(task_id, lambda loaded: requests.resolve(loaded.plan, actor, note))
 
 
-@transaction.atomic
 def retry_compensation(task_id: Any, actor: Actor, reason: str) -> TaskInstance:
     """Run the failed compensations again, each with a fresh retry budget."""
     reason = _require_text("reason", reason)
-    task = _locked(task_id, "retry the compensation of", (TaskStatus.COMPENSATION_FAILED,))
-    failed = StepRecord.objects.filter(task=task, status=StepStatus.COMPENSATION_FAILED)
-    for step in failed:
-        flow.move_step(
-            step,
-            StepStatus.COMPENSATING,
-            next_attempt_at=None,
-            compensation_budget_base=step.compensation_attempt_count,
-        )
-    resume = (
-        TaskStatus.CANCELLING
-        if task.compensation_reason == CompensationReason.CANCEL
-        else TaskStatus.COMPENSATING
-    )
-    flow.move(
-        task,
-        resume,
-        AuditAction.COMPENSATION_RETRIED,
-        actor=actor,
-        details={"reason": reason, "steps": [s.name for s in failed]},
-        fields={"finished_at": None},
-    )
-    flow.compensate_next(task, registry.get(task.saga) if task.saga in registry else None)
-    return task
+    return _operate(task_id, lambda loaded: requests.retry_compensation(loaded.plan, actor, reason))
 
 
-@transaction.atomic
 def redrive(task_id: Any, actor: Actor, reason: str) -> TaskInstance:
-    """Retry a dead-lettered task's failed step with a fresh retry budget."""
+    """Retry exactly the work that dead-lettered the task, with a fresh retry budget."""
     reason = _require_text("reason", reason)
-    task = _locked(task_id, "redrive", (TaskStatus.DEAD_LETTERED,))
-    # The step that parked the task: a failed critical one (a non-critical failure is final).
-    failed = StepRecord.objects.filter(task=task, status=StepStatus.FAILED, critical=True)
-    step = failed.order_by("-index").first()
-    if step is None:
-        raise ActionNotAllowed(task, "redrive (no failed step)", (TaskStatus.DEAD_LETTERED,))
-    flow.move_step(
-        step,
-        StepStatus.PENDING,
-        attempt_budget_base=step.attempt_count,
-        finished_at=None,
-        job_id="",
+
+    def operation(loaded: Loaded) -> None:
+        requests.redrive(loaded.plan, actor, reason, _parked_by(loaded.task))
+
+    return _operate(task_id, operation)
+
+
+def _parked_by(task: TaskInstance) -> list[str] | None:
+    """The steps the task's latest ``dead_lettered`` entry names (None before they were)."""
+    entry = (
+        AuditEntry.objects.filter(task=task, action=AuditAction.DEAD_LETTERED)
+        .order_by("-created_at", "-id")
+        .values_list("details", flat=True)
+        .first()
     )
-    flow.move(
-        task,
-        TaskStatus.RUNNING,
-        AuditAction.REDRIVEN,
-        actor=actor,
-        step=step,
-        details={"reason": reason, "step": step.name, "next_attempt": step.attempt_count + 1},
-        fields={"error_summary": ""},
-    )
-    flow.advance(task, registry.get(task.saga) if task.saga in registry else None)
-    return task
+    steps = entry.get("steps") if isinstance(entry, dict) else None
+    return [str(s) for s in steps] if isinstance(steps, list) else None
 
 
 def cancel(task_id: Any, actor: Actor = None, reason: str = "") -> CancelOutcome:
@@ -325,7 +292,18 @@ def cancel(task_id: Any, actor: Actor = None, reason: str = "") -> CancelOutcome
     saga = registry.get(task.saga) if task.saga in registry else None
     if saga is not None and not saga.cancellable:
         return CancelOutcome("not_cancellable", task.status, 409, task)
-    return cancellation.request(task.pk, actor, reason)
+    return request_cancel(task.pk, actor, reason)
+
+
+def request_cancel(task_id: Any, actor: Actor, reason: str, by: str = "operator") -> CancelOutcome:
+    """Decide a cancel with the task row locked, so it has exactly one winner against a
+    finishing step."""
+
+    def decide(loaded: Loaded) -> CancelOutcome:
+        outcome = requests.cancel(loaded.plan, actor, reason, by)
+        return CancelOutcome(outcome.outcome, outcome.status, outcome.http_status, loaded.task)
+
+    return apply.decide(task_id, decide)
 
 
 __all__ = ["CancelOutcome", "cancel", "redrive", "resolve", "retry_compensation", "start"]

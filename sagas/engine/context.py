@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from sagas.engine import cancellation
-from sagas.engine.cancellation import AttemptAddress
+from sagas.engine.stopping import AttemptAddress, signalled_at
 from sagas.models import StepAttempt, StepRecord
 from sagas.states import AttemptOutcome
 
@@ -32,21 +32,25 @@ class StepContext:
     trace_id: str
     correlation_id: str
     data: Any = None
-    logger: logging.LoggerAdapter[logging.Logger] | None = None
+    logger: logging.LoggerAdapter[logging.Logger] | logging.Logger | None = None
     _redis: Redis | None = field(default=None, repr=False)
+    # Set by this attempt's own heartbeat when the reaper declared it lost: no Redis needed.
+    stop_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def cancelled(self) -> bool:
         """Whether this attempt (or, for an action, its task) was asked to stop.
 
-        One Redis round trip. A compensation ignores its task's cancellation: it is the
-        undo that cancellation asked for.
+        At most one Redis round trip. A compensation ignores its task's cancellation: it is
+        the undo that cancellation asked for.
         """
+        if self.stop_requested.is_set():
+            return True
         if self._redis is None:
             return False
         address = AttemptAddress(self.task_id, self.step_name, self.kind, self.attempt)
         try:
-            return cancellation.signalled_at(self._redis, address) is not None
+            return signalled_at(self._redis, address) is not None
         except RedisError:
             return False  # Redis down: keep working; the database still decides the outcome.
 

@@ -1,8 +1,9 @@
 """The RQ job: one attempt of one step's action or compensation, fenced end to end.
 
-run_step -> lock the task (or branch) -> admit (database state, breaker, claim) ->
-record the attempt as running -> run the body with heartbeat and timeout -> settle the
-attempt (only if it is still the current one) -> decide what happens next (``flow``).
+It reads top to bottom: lock the task (or branch), admit the delivery, run the body with
+a heartbeat and a timeout, settle the outcome, and let ``decisions`` say what comes
+next, which ``apply`` writes. A result reaches the database whatever Redis does, and a
+settle keeps trying through a database restart while the heartbeat goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import partial
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -27,37 +27,40 @@ from django.db import (
     InterfaceError,
     OperationalError,
     close_old_connections,
+    connection,
     connections,
     transaction,
 )
 from django.db.models.functions import Now
-from django.utils import timezone
 from redis.exceptions import RedisError
 from rq import get_current_job
 
-from sagas import audit
 from sagas.audit import AuditAction
 from sagas.definitions import Saga, StepDefinition, UnknownSaga, registry
-from sagas.engine import dispatch, flow, notify
+from sagas.engine import apply, decisions, horse
+from sagas.engine.apply import Loaded
 from sagas.engine.breaker import Admission, CircuitBreaker
-from sagas.engine.cancellation import AttemptAddress, signal_attempt
 from sagas.engine.connection import redis
 from sagas.engine.context import StepCancelled, StepContext
+from sagas.engine.decisions import Outcome
 from sagas.engine.idempotency import claim, claim_name, idempotency_key
 from sagas.engine.locks import Heartbeat, TaskLock, lock_key, release_if_held_by
 from sagas.engine.logs import engine_logger
-from sagas.engine.retry import can_retry
+from sagas.engine.plan import Plan, StepRow
+from sagas.engine.stopping import AttemptAddress, signal_attempt
 from sagas.engine.timeouts import StepTimedOut, exceeded, step_deadline
-from sagas.models import StepAttempt, StepRecord, TaskInstance
-from sagas.states import AttemptKind, AttemptOutcome, StepStatus, TaskStatus
+from sagas.models import StepAttempt, TaskInstance
+from sagas.states import AttemptKind, AttemptOutcome, StepStatus
 
 logger = logging.getLogger("sagas.engine")
+Log = logging.LoggerAdapter[logging.Logger] | logging.Logger
 
-ACTION_TASK_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.WAITING_RETRY)
-COMPENSATION_TASK_STATUSES = (TaskStatus.COMPENSATING, TaskStatus.CANCELLING)
-ACTION_STEP_STATUSES = (StepStatus.PENDING, StepStatus.WAITING_RETRY)
-COMPENSATION_STEP_STATUSES = (StepStatus.SUCCEEDED, StepStatus.COMPENSATING)
-SETTLE_TRIES = 3
+SETTLE_FIRST_DELAY_S = 0.2
+SETTLE_MAX_DELAY_S = 5.0
+# What a breaker counts: the body's own failures, never a cancel or a stop.
+FAILURES = (AttemptOutcome.FAILED, AttemptOutcome.TIMED_OUT)
+
+__all__ = ["Outcome", "run_step", "settle_attempt", "settle_dead_attempt"]
 
 
 @dataclass(frozen=True)
@@ -70,22 +73,17 @@ class Delivery:
     attempt: int
     job_id: str
     worker: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_action(self) -> bool:
         return self.kind == AttemptKind.ACTION
 
 
-@dataclass(frozen=True)
-class Outcome:
-    status: str
-    data: Any = None
-    error: str = ""
-    traceback: str = ""
-
-
 @dataclass
 class Started:
+    """An admitted attempt, its running row and what its body needs."""
+
     delivery: Delivery
     saga: Saga
     definition: StepDefinition
@@ -94,37 +92,32 @@ class Started:
     trial: bool
     ctx: StepContext
     timeout_s: float | None
-    log: logging.LoggerAdapter[logging.Logger] = field(repr=False)
+    log: Log = field(repr=False)
+    lock_released: bool = False
 
 
 def run_step(task_id: str, step_name: str, kind: str, attempt: int) -> None:
     """The job RQ runs. Step errors are recorded, never raised to RQ."""
     delivery = _delivery(task_id, step_name, kind, attempt)
-    log = engine_logger(delivery.task_id, step=step_name, kind=kind, attempt=attempt)
     task = TaskInstance.objects.filter(pk=task_id).first()
     if task is None:
-        log.warning("job for a task that does not exist; dropped")
+        engine_logger(task_id, step=step_name).warning("job for a task that does not exist")
         return
     log = engine_logger(task, step=step_name, kind=kind, attempt=attempt)
-    saga, definition = _definitions(task, step_name)
+    saga, definition = _definitions(task.saga, step_name)
     if saga is None or definition is None:
-        _definition_missing(delivery, task, log)
+        _code_missing(delivery, log)
         return
     lock = TaskLock(redis(), task.pk, saga.lock_expiry_s, scope=lock_scope(saga, step_name))
     if not lock.acquire():
-        _requeue_for_lock(delivery, definition, log)
+        _requeue_for_lock(delivery, log)
         return
     try:
-        started = _begin(delivery, saga, definition, lock, log)
-        if started is None:
-            return
-        outcome = _perform(started)
-        # The body is done: free the lock before settling, so the next step's job (enqueued
-        # when the settle commits) does not find it held. The settle is fenced in the DB.
-        lock.release()
-        _settle(started, outcome)
+        started = _admit(delivery, saga, definition, lock, log)
+        if started is not None:
+            _run_and_settle(started)
     finally:
-        lock.release()
+        _release(lock, log)
 
 
 def lock_scope(saga: Saga, step_name: str) -> str:
@@ -137,113 +130,74 @@ def _delivery(task_id: str, step_name: str, kind: str, attempt: int) -> Delivery
     worker = (getattr(job, "worker_name", None) if job else None) or os.environ.get(
         "RQ_WORKER_ID", f"{socket.gethostname()}.{os.getpid()}"
     )
+    meta = dict(job.meta) if job is not None and job.meta else {}
+    jid = job.id if job else ""
     return Delivery(
-        str(task_id), step_name, AttemptKind(kind), int(attempt), job.id if job else "", str(worker)
+        str(task_id), step_name, AttemptKind(kind), int(attempt), jid, str(worker), meta
     )
 
 
-def _definitions(task: TaskInstance, step_name: str) -> tuple[Saga | None, StepDefinition | None]:
+def _definitions(saga_name: str, step_name: str) -> tuple[Saga | None, StepDefinition | None]:
     try:
-        saga = registry.get(task.saga)
+        saga = registry.get(saga_name)
     except UnknownSaga:
         return None, None
     return saga, saga.get_step(step_name)
 
 
-# --- admission -------------------------------------------------------------------------
+def _release(lock: TaskLock, log: Log) -> None:
+    """A failed release is logged: the lock expires on its own, the result is in the database."""
+    try:
+        lock.release()
+    except RedisError as exc:
+        log.warning("could not release the task lock (%s); it expires on its own", exc)
 
 
-def admissible(task: TaskInstance, step: StepRecord, delivery: Delivery) -> str:
-    """Empty if this delivery may run now, else why not (pure)."""
-    statuses: tuple[TaskStatus, ...]
-    if delivery.is_action:
-        statuses, step_statuses = ACTION_TASK_STATUSES, ACTION_STEP_STATUSES
-        done = step.attempt_count
-    else:
-        statuses, step_statuses = COMPENSATION_TASK_STATUSES, COMPENSATION_STEP_STATUSES
-        done = step.compensation_attempt_count
-    if done >= delivery.attempt:
-        return "duplicate"
-    alone = not delivery.is_action and step.compensate_alone
-    if (task.status not in statuses and not alone) or step.status not in step_statuses:
-        return f"stale: task is {task.status}, step is {step.status}"
-    if done != delivery.attempt - 1:
-        return f"stale: step is at attempt {done}"
-    return ""
+# --- admission -----------------------------------------------------------------------------
 
 
-def _begin(
-    delivery: Delivery,
-    saga: Saga,
-    definition: StepDefinition,
-    lock: TaskLock,
-    log: logging.LoggerAdapter[logging.Logger],
+def _admit(
+    delivery: Delivery, saga: Saga, definition: StepDefinition, lock: TaskLock, log: Log
 ) -> Started | None:
+    """With the task row locked: may this delivery run? Then record its attempt running."""
     with transaction.atomic():
-        task = flow.locked_task(delivery.task_id)
-        step = StepRecord.objects.get(task=task, name=delivery.step_name)
-        verdict = admissible(task, step, delivery)
+        loaded = apply.load(delivery.task_id)
+        plan = loaded.plan
+        step = plan.step(delivery.step_name)
+        verdict = decisions.admissible(plan, step, delivery.kind, delivery.attempt)
         if verdict:
-            _refuse(task, step, delivery, verdict, log)
+            _refuse(loaded, step, delivery, verdict, log)
+            apply.apply(loaded)
             return None
-        if delivery.is_action and _group_expired(step):
-            flow.give_up_step(step, "timed out: the group's deadline passed before it could run")
-            flow.branch_settled(task, step, saga)
+        if delivery.is_action and decisions.group_expired(plan, step):
+            reason = "the group's deadline passed before it could run"
+            decisions.give_up_before_start(plan, step, reason)
+            apply.apply(loaded)
             return None
         admission = _breaker_admission(definition, delivery)
         if not admission.allowed:
-            _defer_for_breaker(task, step, definition, admission, log)
+            _defer_for_breaker(loaded, step, definition, admission, log)
             return None
         if not _claim_attempt(step, delivery, log):
-            _refuse(task, step, delivery, "duplicate", log)
+            _refuse(loaded, step, delivery, "duplicate", log)
+            apply.apply(loaded)
             return None
-        attempt = _mark_running(task, step, delivery, lock)
-    ctx = _context(task, step, delivery, attempt, log)
-    timeout = effective_timeout(definition.timeout_s, _group_deadline(step))
-    if not delivery.is_action:
-        timeout = definition.timeout_s  # an undo is never cut short by its group's deadline
-    log.info("attempt started")
-    return Started(delivery, saga, definition, attempt, lock, admission.trial, ctx, timeout, log)
+        decisions.start_attempt(plan, step, delivery.kind, delivery.attempt)
+        apply.apply(loaded)
+        attempt = _attempt_row(loaded, delivery, lock, saga)
+    return _started(delivery, saga, definition, attempt, lock, admission, loaded, log)
 
 
-def _claim_attempt(
-    step: StepRecord, delivery: Delivery, log: logging.LoggerAdapter[logging.Logger]
-) -> bool:
-    """The per-attempt claim. Claims are only taken with the task row locked, and the
-    attempt row is written in the same transaction: a claim without its attempt row is
-    an orphan of a transaction that rolled back or died, and is taken over."""
-    name = claim_name(step.task_id, step.name, delivery.kind, delivery.attempt)
-    owner = delivery.job_id or delivery.worker
-    if claim(redis(), name, owner):
-        return True
-    started = StepAttempt.objects.filter(step=step, kind=delivery.kind, number=delivery.attempt)
-    if started.exists():
-        return False
-    log.warning("claim %s had no attempt behind it (a rolled-back start); taken over", name)
-    claim(redis(), name, owner, force=True)
-    return True
-
-
-def _refuse(
-    task: TaskInstance,
-    step: StepRecord,
-    delivery: Delivery,
-    verdict: str,
-    log: logging.LoggerAdapter[logging.Logger],
-) -> None:
+def _refuse(loaded: Loaded, step: StepRow, delivery: Delivery, verdict: str, log: Log) -> None:
     log.info("delivery not run: %s", verdict)
     if verdict == "duplicate":
-        audit.record(
-            task,
-            AuditAction.DUPLICATE_DELIVERY,
-            step=step,
-            details={
-                "kind": delivery.kind,
-                "attempt": delivery.attempt,
-                "job_id": delivery.job_id,
-                "worker": delivery.worker,
-            },
-        )
+        details = {
+            "kind": delivery.kind,
+            "attempt": delivery.attempt,
+            "job_id": delivery.job_id,
+            "worker": delivery.worker,
+        }
+        loaded.plan.audit(AuditAction.DUPLICATE_DELIVERY, step, details)
 
 
 def _breaker_admission(definition: StepDefinition, delivery: Delivery) -> Admission:
@@ -253,156 +207,121 @@ def _breaker_admission(definition: StepDefinition, delivery: Delivery) -> Admiss
 
 
 def _defer_for_breaker(
-    task: TaskInstance,
-    step: StepRecord,
-    definition: StepDefinition,
-    admission: Admission,
-    log: logging.LoggerAdapter[logging.Logger],
+    loaded: Loaded, step: StepRow, definition: StepDefinition, admission: Admission, log: Log
 ) -> None:
-    """Open breaker: no attempt, no retry used; come back when it half-opens (plus jitter)."""
-    at = datetime.fromtimestamp(admission.retry_at + random.uniform(0, 1), tz=UTC)  # noqa: S311
-    deadline = _group_deadline(step)
-    if deadline is not None and at >= deadline:
-        flow.give_up_step(step, "timed out: its breaker stays open past the group's deadline")
-        flow.branch_settled(task, step, definition.saga)
-        return
-    if step.status == StepStatus.WAITING_RETRY:
-        StepRecord.objects.filter(pk=step.pk).update(next_attempt_at=at)
-    else:
-        flow.move_step(step, StepStatus.WAITING_RETRY, next_attempt_at=at)
-    if task.status == TaskStatus.PENDING:
-        flow.move(task, TaskStatus.WAITING_RETRY)
-    else:
-        flow.sync_activity(task)  # waiting_retry only if no other step runs
-    breaker = definition.breaker
-    audit.record(
-        task,
-        AuditAction.BREAKER_OPEN,
-        step=step,
-        details={
-            "breaker": breaker.name if breaker else "",
-            "next_attempt_at": at.isoformat(),
-        },
-    )
-    dispatch.schedule(
-        step,
-        AttemptKind.ACTION,
-        step.attempt_count + 1,
-        at=at,
-        suffix=f"b{int(at.timestamp())}",
-        step_timeout_s=definition.timeout_s,
-    )
+    """Open breaker: no attempt, no retry used; back when it half-opens (plus jitter)."""
+    # The breaker's clock is the workers'; the plan's is the database's.
+    wait_s = admission.retry_at - time.time() + random.uniform(0, 1)  # noqa: S311
+    at = loaded.plan.after(max(wait_s, 0))
+    name = definition.breaker.name if definition.breaker else ""
+    decisions.defer_for_breaker(loaded.plan, step, at, name)
+    apply.apply(loaded)
     log.info("breaker open; step deferred to %s", at.isoformat())
 
 
-def _mark_running(
-    task: TaskInstance, step: StepRecord, delivery: Delivery, lock: TaskLock
-) -> StepAttempt:
-    now = timezone.now()
-    if delivery.is_action:
-        flow.move_step(
-            step,
-            StepStatus.RUNNING,
-            attempt_count=delivery.attempt,
-            started_at=step.started_at or now,
-            next_attempt_at=None,
-        )
-        if task.status != TaskStatus.RUNNING:
-            flow.move(
-                task,
-                TaskStatus.RUNNING,
-                fields={"started_at": task.started_at or now, "current_step": step.name},
-            )
-    elif step.status == StepStatus.SUCCEEDED:
-        flow.move_step(
-            step,
-            StepStatus.COMPENSATING,
-            compensation_attempt_count=delivery.attempt,
-            next_attempt_at=None,
-        )
-    else:
-        StepRecord.objects.filter(pk=step.pk).update(
-            compensation_attempt_count=delivery.attempt, next_attempt_at=None
-        )
-    TaskInstance.objects.filter(pk=task.pk).update(current_step=step.name)
+def _claim_attempt(step: StepRow, delivery: Delivery, log: Log) -> bool:
+    """The per-attempt claim. Claims are only taken with the task row locked, and the
+    attempt row is written in the same transaction: a claim without its attempt row is
+    an orphan of a transaction that rolled back or died, and is taken over."""
+    name = claim_name(delivery.task_id, step.name, delivery.kind, delivery.attempt)
+    owner = delivery.job_id or delivery.worker
+    if claim(redis(), name, owner):
+        return True
+    started = StepAttempt.objects.filter(
+        step_id=step.pk, kind=delivery.kind, number=delivery.attempt
+    )
+    if started.exists():
+        return False
+    log.warning("claim %s had no attempt behind it (a rolled-back start); taken over", name)
+    claim(redis(), name, owner, force=True)
+    return True
+
+
+def _attempt_row(loaded: Loaded, delivery: Delivery, lock: TaskLock, saga: Saga) -> StepAttempt:
     return StepAttempt.objects.create(
-        step=step,
+        step=loaded.steps[delivery.step_name],
         kind=delivery.kind,
         number=delivery.attempt,
         worker=delivery.worker[:200],
         job_id=delivery.job_id,
         lock_token=lock.token,
         lock_key=lock.key,
-        heartbeat_at=Now(),  # the database's clock, which the reaper judges by
+        # The database's clock, which the reaper judges by.
+        heartbeat_at=Now(),
+        heartbeat_expires_at=Now() + timedelta(seconds=saga.lock_expiry_s),
     )
+
+
+def _started(
+    delivery: Delivery,
+    saga: Saga,
+    definition: StepDefinition,
+    attempt: StepAttempt,
+    lock: TaskLock,
+    admission: Admission,
+    loaded: Loaded,
+    log: Log,
+) -> Started:
+    plan = loaded.plan
+    step = plan.step(delivery.step_name)
+    timeout = definition.timeout_s
+    if delivery.is_action:  # an undo is never cut short by its group's deadline
+        timeout = decisions.effective_timeout(
+            timeout, decisions.group_deadline(plan, step), plan.now
+        )
+    ctx = _context(plan, step, delivery, attempt, log)
+    log.info("attempt started")
+    return Started(delivery, saga, definition, attempt, lock, admission.trial, ctx, timeout, log)
 
 
 def _context(
-    task: TaskInstance,
-    step: StepRecord,
-    delivery: Delivery,
-    attempt: StepAttempt,
-    log: logging.LoggerAdapter[logging.Logger],
+    plan: Plan, step: StepRow, delivery: Delivery, attempt: StepAttempt, log: Log
 ) -> StepContext:
-    results = dict(
-        StepRecord.objects.filter(task=task, status=StepStatus.SUCCEEDED).values_list(
-            "name", "data"
-        )
-    )
+    results = {s.name: s.data for s in plan.steps if s.status == StepStatus.SUCCEEDED}
     return StepContext(
-        task_id=str(task.pk),
+        task_id=str(plan.task.pk),
         step_name=step.name,
         kind=delivery.kind,
         attempt=delivery.attempt,
         attempt_id=attempt.pk,
-        input=task.input,
+        input=plan.task.input,
         results=results,
-        idempotency_key=idempotency_key(task.pk, step.name, delivery.kind),
-        trace_id=task.trace_id,
-        correlation_id=task.correlation_id,
+        idempotency_key=idempotency_key(plan.task.pk, step.name, delivery.kind),
+        trace_id=plan.task.trace_id,
+        correlation_id=plan.task.correlation_id,
         data=step.data,
         logger=log,
         _redis=redis(),
     )
 
 
-def _group_deadline(step: StepRecord) -> datetime | None:
-    if not step.group:
-        return None
-    return (
-        StepRecord.objects.filter(task_id=step.task_id, name=step.group, is_group=True)
-        .values_list("deadline_at", flat=True)
-        .first()
-    )
+# --- running the body, then settling -------------------------------------------------------
 
 
-def _group_expired(step: StepRecord) -> bool:
-    deadline = _group_deadline(step)
-    return deadline is not None and deadline <= timezone.now()
-
-
-def effective_timeout(
-    step_timeout_s: float | None, group_deadline: datetime | None
-) -> float | None:
-    """A branch's own timeout, cut short by its group's deadline (pure)."""
-    if group_deadline is None:
-        return step_timeout_s
-    left = max((group_deadline - timezone.now()).total_seconds(), 0.001)
-    return min(step_timeout_s, left) if step_timeout_s else left
-
-
-# --- running the body ------------------------------------------------------------------
+def _run_and_settle(started: Started) -> None:
+    """The heartbeat runs from the body's start until its outcome is in the database."""
+    interval = max(0.5, started.saga.lock_expiry_s / 3)
+    with Heartbeat(interval, lambda: _keep_alive(started), on_exit=connections.close_all):
+        outcome = _perform(started)
+        if not horse.current().begin_settle():
+            started.log.warning("stopped as the body returned; the worker records the stop")
+            horse.wait_to_be_stopped()
+            return
+        # Free the lock for the next step's job (enqueued when the settle commits).
+        _release(started.lock, started.log)
+        started.lock_released = True
+        _settle_durably(started, outcome)
+        horse.current().end_settle()
+    _record_breaker(started, outcome)
 
 
 def _perform(started: Started) -> Outcome:
     definition, ctx = started.definition, started.ctx
     body = definition.action if started.delivery.is_action else definition.compensation
-    interval = max(0.5, started.saga.lock_expiry_s / 3)
-    with Heartbeat(interval, lambda: _keep_alive(started), on_exit=connections.close_all):
-        began = time.monotonic()
-        timeout = started.timeout_s
-        outcome = _call(body, ctx, timeout)
-    if outcome.status == AttemptOutcome.SUCCEEDED and exceeded(timeout, time.monotonic() - began):
+    began = time.monotonic()
+    outcome = _call(body, ctx, started.timeout_s)
+    elapsed = time.monotonic() - began
+    if outcome.status == AttemptOutcome.SUCCEEDED and exceeded(started.timeout_s, elapsed):
         return Outcome(AttemptOutcome.TIMED_OUT, error="step returned after its timeout")
     return outcome
 
@@ -433,77 +352,138 @@ def _json_safe(result: Any) -> Any:
 
 def _keep_alive(started: Started) -> None:
     """One beat; a failing beat is logged and the next one tries again (never dies)."""
-    try:
-        if not started.lock.renew():
-            started.log.warning("task lock lost while the step runs; the database still fences")
-    except RedisError as exc:
-        started.log.warning("could not renew the task lock: %s", exc)
+    if not started.lock_released:
+        try:
+            if not started.lock.renew():
+                started.log.warning("task lock lost while the step runs; the database fences")
+        except RedisError as exc:
+            started.log.warning("could not renew the task lock: %s", exc)
     try:
         alive = StepAttempt.objects.filter(
             pk=started.attempt.pk, outcome=AttemptOutcome.RUNNING
-        ).update(heartbeat_at=Now())
-        if not alive:
-            _superseded(started)
+        ).update(
+            heartbeat_at=Now(),
+            heartbeat_expires_at=Now() + timedelta(seconds=started.saga.lock_expiry_s),
+        )
     except DatabaseError as exc:
         started.log.warning("heartbeat not written (%s); reconnecting for the next beat", exc)
         connections.close_all()
+        return
+    if not alive:
+        _superseded(started)
 
 
 def _superseded(started: Started) -> None:
     """The reaper declared this attempt lost: tell the body to stop (``ctx.cancelled``)."""
-    d = started.delivery
     started.log.warning("attempt was superseded while running; asking it to stop")
+    started.ctx.stop_requested.set()
+    d = started.delivery
     with contextlib.suppress(RedisError):
         signal_attempt(redis(), AttemptAddress(d.task_id, d.step_name, d.kind, d.attempt))
 
 
-# --- settling the attempt --------------------------------------------------------------
+def _settle_durably(started: Started, outcome: Outcome) -> None:
+    """Record the outcome, retrying with backoff while the database is unreachable (a
+    restart, a failover) for up to ``SAGAS_SETTLE_RETRY_FOR``; the heartbeat goes on."""
+    give_up_at = time.monotonic() + settings.SAGAS_SETTLE_RETRY_FOR
+    delay = SETTLE_FIRST_DELAY_S
+    close_old_connections()  # a long step may outlive its connection
+    while True:
+        try:
+            settle_attempt(started.attempt.pk, outcome, token=started.lock.token, log=started.log)
+            return
+        except (OperationalError, InterfaceError) as exc:
+            connection.close()
+            if time.monotonic() + delay > give_up_at:
+                started.log.error("could not record the outcome (%s); the reaper will", exc)
+                return
+            started.log.warning(
+                "database unreachable while settling (%s); retry in %.1fs", exc, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, SETTLE_MAX_DELAY_S)
 
 
-def _settle(started: Started, outcome: Outcome) -> None:
-    # A long step may outlive its database connection (a restart, a failover).
-    close_old_connections()
+def _record_breaker(started: Started, outcome: Outcome) -> None:
+    """Only what the body did counts: cancelled or stopped attempts are no failures."""
+    policy = started.definition.breaker
+    if policy is None or not started.delivery.is_action:
+        return
     try:
-        settle_attempt(started.attempt.pk, outcome, token=started.lock.token, log=started.log)
-    except (OperationalError, InterfaceError):
-        connections.close_all()
-        settle_attempt(started.attempt.pk, outcome, token=started.lock.token, log=started.log)
-    try:
-        _record_breaker(started, outcome)
+        breaker = CircuitBreaker(redis(), policy)
+        if outcome.status == AttemptOutcome.SUCCEEDED:
+            breaker.record_success()
+        elif outcome.status in FAILURES and breaker.record_failure(started.trial):
+            started.log.warning("breaker %s opened", policy.name)
     except RedisError as exc:
         started.log.warning("breaker not updated: %s", exc)
 
 
-def _record_breaker(started: Started, outcome: Outcome) -> None:
-    policy = started.definition.breaker
-    if policy is None or not started.delivery.is_action:
-        return
-    breaker = CircuitBreaker(redis(), policy)
-    if outcome.status == AttemptOutcome.SUCCEEDED:
-        breaker.record_success()
-    elif outcome.status != AttemptOutcome.CANCELLED and breaker.record_failure(started.trial):
-        started.log.warning("breaker %s opened", policy.name)
+# --- settling ------------------------------------------------------------------------------
 
 
 def settle_attempt(
-    attempt_id: int,
-    outcome: Outcome,
-    *,
-    token: str | None = None,
-    log: logging.LoggerAdapter[logging.Logger] | logging.Logger = logger,
+    attempt_id: int, outcome: Outcome, *, token: str | None = None, log: Log = logger
 ) -> bool:
     """Record how an attempt ended and decide what comes next; False if it was superseded.
 
     ``token`` fences the write to the attempt's owner; the reaper and the worker's parent
     (which know the attempt is dead) settle without it.
     """
-    for _ in range(SETTLE_TRIES):
-        try:
-            with transaction.atomic():
-                return _settle_locked(attempt_id, outcome, token, log)
-        except flow.ConcurrentChange:
-            continue
-    raise RuntimeError(f"attempt {attempt_id}: could not settle after {SETTLE_TRIES} tries")
+    row = StepAttempt.objects.values("step__task_id", "step__name", "kind", "number").get(
+        pk=attempt_id
+    )
+
+    def decide(loaded: Loaded) -> bool:
+        plan = loaded.plan
+        step = plan.step(row["step__name"])
+        ended = decisions.classify(plan, step, row["kind"], outcome)
+        if not _fence(loaded, step, attempt_id, row["kind"], ended, token, log):
+            return False
+        plan.attempt_ended(step, row["kind"], row["number"], ended.status)
+        if row["kind"] == AttemptKind.ACTION:
+            decisions.action_ended(plan, step, ended)
+        else:
+            decisions.compensation_ended(plan, step, ended)
+        log.info("attempt settled: %s", ended.status)
+        return True
+
+    return apply.decide(row["step__task_id"], decide)
+
+
+def _fence(
+    loaded: Loaded,
+    step: StepRow,
+    attempt_id: int,
+    kind: str,
+    outcome: Outcome,
+    token: str | None,
+    log: Log,
+) -> bool:
+    """Write the outcome only if this attempt is still the running, current one."""
+    current = StepAttempt.objects.filter(pk=attempt_id, outcome=AttemptOutcome.RUNNING)
+    if token is not None:
+        current = current.filter(lock_token=token)
+    changes = {
+        "outcome": outcome.status,
+        "finished_at": loaded.plan.now,
+        "error": outcome.error,
+        "traceback": outcome.traceback,
+    }
+    try:
+        with transaction.atomic():
+            won = current.update(**changes)
+    except IntegrityError:
+        # The database is the final judge: this step already has a success of this kind.
+        refused = "result refused: another attempt already succeeded"
+        current.update(**{**changes, "outcome": AttemptOutcome.FAILED, "error": refused})
+        number = StepAttempt.objects.values_list("number", flat=True).get(pk=attempt_id)
+        details = {"kind": kind, "attempt": number, "refused": "second success"}
+        loaded.plan.audit(AuditAction.DUPLICATE_DELIVERY, step, details)
+        return False
+    if not won:
+        log.warning("superseded attempt %s wrote nothing", attempt_id)
+    return bool(won)
 
 
 def settle_dead_attempt(attempt: StepAttempt, outcome: Outcome) -> bool:
@@ -515,212 +495,65 @@ def settle_dead_attempt(attempt: StepAttempt, outcome: Outcome) -> bool:
     return settle_attempt(attempt.pk, outcome)
 
 
-def _settle_locked(
-    attempt_id: int,
-    outcome: Outcome,
-    token: str | None,
-    log: logging.LoggerAdapter[logging.Logger] | logging.Logger,
-) -> bool:
-    attempt = StepAttempt.objects.select_related("step").get(pk=attempt_id)
-    task = flow.locked_task(attempt.step.task_id)
-    if not _fence(attempt, outcome, token, task, log):
-        return False
-    step = StepRecord.objects.get(pk=attempt.step_id)
-    saga, definition = _definitions(task, step.name)
-    if attempt.kind == AttemptKind.ACTION:
-        _after_action(task, step, saga, definition, outcome)
-    else:
-        _after_compensation(task, step, saga, definition, outcome)
-    log.info("attempt settled: %s", outcome.status)
-    return True
+# --- deliveries that cannot run here -------------------------------------------------------
 
 
-def _fence(
-    attempt: StepAttempt,
-    outcome: Outcome,
-    token: str | None,
-    task: TaskInstance,
-    log: logging.LoggerAdapter[logging.Logger] | logging.Logger,
-) -> bool:
-    """Write the outcome only if this attempt is still the running, current one."""
-    current = StepAttempt.objects.filter(pk=attempt.pk, outcome=AttemptOutcome.RUNNING)
-    if token is not None:
-        current = current.filter(lock_token=token)
-    changes = {
-        "outcome": outcome.status,
-        "finished_at": timezone.now(),
-        "error": outcome.error,
-        "traceback": outcome.traceback,
-    }
-    try:
-        with transaction.atomic():
-            won = current.update(**changes)
-    except IntegrityError:
-        # The database is the final judge: this step already has a success of this kind.
-        current.update(
-            **{
-                **changes,
-                "outcome": AttemptOutcome.FAILED,
-                "error": "result refused: another attempt already succeeded",
-            }
-        )
-        audit.record(
-            task,
-            AuditAction.DUPLICATE_DELIVERY,
-            step=attempt.step,
-            details={
-                "kind": attempt.kind,
-                "attempt": attempt.number,
-                "refused": "second success",
-            },
-        )
-        return False
-    if not won:
-        log.warning("superseded attempt %s wrote nothing", attempt.number)
-    return bool(won)
+def _code_missing(delivery: Delivery, log: Log) -> None:
+    """This worker lacks the step's code (an old worker in a rolling deploy, or a deploy
+    that removed it): hand the job back for a worker that has it, a bounded number of
+    times with growing delays, then park the task (or fail the compensation) for good."""
+    handed_back = int(delivery.meta.get("code_requeues", 0))
 
-
-def _after_action(
-    task: TaskInstance,
-    step: StepRecord,
-    saga: Saga | None,
-    definition: StepDefinition | None,
-    outcome: Outcome,
-) -> None:
-    if saga is None or definition is None:
-        flow.give_up_step(step, _missing_message(task, step.name))
-        if task.status in flow.FORWARD:
-            flow.dead_letter(task, _missing_message(task, step.name))
-    elif outcome.status == AttemptOutcome.SUCCEEDED:
-        flow.move_step(
-            step,
-            StepStatus.SUCCEEDED,
-            data=outcome.data,
-            error="",
-            progress=100,
-            finished_at=timezone.now(),
-        )
-        audit.record(
-            task, AuditAction.STEP_SUCCEEDED, step=step, details={"attempt": step.attempt_count}
-        )
-        flow.settled(task, step, saga)
-    elif outcome.status == AttemptOutcome.CANCELLED:
-        flow.move_step(step, StepStatus.CANCELLED, error=outcome.error, finished_at=timezone.now())
-        flow.settled(task, step, saga)
-    else:
-        flow.action_failed(task, step, saga, definition, outcome.error)
-
-
-def _after_compensation(
-    task: TaskInstance,
-    step: StepRecord,
-    saga: Saga | None,
-    definition: StepDefinition | None,
-    outcome: Outcome,
-) -> None:
-    if outcome.status == AttemptOutcome.SUCCEEDED:
-        flow.move_step(
-            step, StepStatus.COMPENSATED, finished_at=timezone.now(), compensation_error=""
-        )
-        audit.record(
-            task,
-            AuditAction.STEP_COMPENSATED,
-            step=step,
-            details={"attempt": step.compensation_attempt_count},
-        )
-        _undo_done(task, step, saga)
-        return
-    error = outcome.error or outcome.status
-    if definition is None:
-        error = _missing_message(task, step.name)
-    if definition is not None and can_retry(
-        definition.compensation_policy,
-        step.compensation_attempt_count - step.compensation_budget_base,
-    ):
-        flow.retry_compensation_later(task, step, definition, error)
-    else:
-        flow.compensation_failed_for_good(task, step, error, outcome.traceback)
-        _undo_done(task, step, saga)
-
-
-def _undo_done(task: TaskInstance, step: StepRecord, saga: Saga | None) -> None:
-    if task.status in COMPENSATION_TASK_STATUSES:
-        flow.compensate_next(task, saga)
-        return
-    if step.status == StepStatus.COMPENSATION_FAILED:
-        # A lone late branch could not be undone while its task went on: the task's
-        # status cannot say so, so tell the humans the same way.
-        transaction.on_commit(partial(notify.compensation_failed, task.pk))
-    flow.advance(task, saga)  # the task waited for this undo before it could complete
-
-
-# --- deliveries that cannot run --------------------------------------------------------
-
-
-def _missing_message(task: TaskInstance, step_name: str) -> str:
-    return (
-        f"step {step_name!r} of saga {task.saga!r} no longer exists in the deployed code; "
-        "redeploy it, or resolve or cancel the task"
-    )
-
-
-def _definition_missing(
-    delivery: Delivery, task: TaskInstance, log: logging.LoggerAdapter[logging.Logger]
-) -> None:
-    """A deploy removed a step (or saga) this task still needs: park it, don't crash."""
-    log.error(_missing_message(task, delivery.step_name))
-    with transaction.atomic():
-        task = flow.locked_task(task.pk)
-        step = StepRecord.objects.filter(task=task, name=delivery.step_name).first()
-        if step is None or admissible(task, step, delivery):
+    def decide(loaded: Loaded) -> None:
+        plan = loaded.plan
+        step = plan.step(delivery.step_name)
+        if decisions.admissible(plan, step, delivery.kind, delivery.attempt):
+            return  # a stale delivery: nothing to hand on
+        if handed_back >= settings.SAGAS_CODE_REQUEUES:
+            log.error(decisions.missing_message(plan.task.saga, step.name))
+            decisions.code_missing_for_good(plan, step, delivery.kind)
             return
-        if delivery.is_action:
-            # The step fails (so a redrive after a redeploy retries it); the task is parked.
-            flow.give_up_step(step, _missing_message(task, delivery.step_name))
-            flow.dead_letter(task, _missing_message(task, delivery.step_name))
-        else:
-            if step.status == StepStatus.SUCCEEDED:
-                flow.move_step(step, StepStatus.COMPENSATING)
-            flow.compensation_failed_for_good(task, step, _missing_message(task, step.name), "")
-            _undo_done(task, step, None)
-
-
-def _requeue_for_lock(
-    delivery: Delivery, definition: StepDefinition, log: logging.LoggerAdapter[logging.Logger]
-) -> None:
-    """Someone holds the task lock: come back shortly, a bounded number of times."""
-    base = dispatch.job_id(delivery.task_id, delivery.step_name, delivery.kind, delivery.attempt)
-    tries = _lock_tries(delivery.job_id, base) + 1
-    if tries > settings.SAGAS_LOCK_REQUEUES:
-        log.warning("task lock still busy after %s re-queues; left to the reaper", tries - 1)
-        task = TaskInstance.objects.get(pk=delivery.task_id)
-        audit.record(
-            task,
-            AuditAction.LOCK_BUSY,
-            details={
-                "step": delivery.step_name,
+        if handed_back == 0:
+            details = {
                 "kind": delivery.kind,
                 "attempt": delivery.attempt,
-            },
+                "worker": delivery.worker,
+            }
+            plan.audit(AuditAction.CODE_MISSING, step, details)
+        delay = min(2**handed_back, 30) + random.uniform(0, 1)  # noqa: S311
+        meta = {**delivery.meta, "code_requeues": handed_back + 1}
+        suffix = f"d{handed_back + 1}"
+        plan.schedule(
+            step, delivery.kind, delivery.attempt, at=plan.after(delay), suffix=suffix, meta=meta
         )
-        return
-    at = timezone.now() + timedelta(seconds=random.uniform(0.2, 1.5))  # noqa: S311
-    jid = dispatch.job_id(
-        delivery.task_id, delivery.step_name, delivery.kind, delivery.attempt, f"l{tries}"
-    )
-    StepRecord.objects.filter(task__pk=delivery.task_id, name=delivery.step_name).update(job_id=jid)
-    dispatch.enqueue(
-        delivery.task_id,
-        delivery.step_name,
-        delivery.kind,
-        delivery.attempt,
-        jid,
-        at,
-        definition.timeout_s,
-    )
-    log.info("task lock busy; re-queued as %s", jid)
+        log.warning("this worker does not have step %s; handed back for %.0fs", step.name, delay)
+
+    apply.decide(delivery.task_id, decide)
 
 
-def _lock_tries(job_id: str, base: str) -> int:
-    suffix = job_id[len(base) :] if job_id.startswith(base) else ""
-    return int(suffix[2:]) if suffix.startswith("-l") and suffix[2:].isdigit() else 0
+def _requeue_for_lock(delivery: Delivery, log: Log) -> None:
+    """Someone holds the task lock: come back shortly, a bounded number of times. Decided
+    with the task row locked, and only for a delivery the task still expects, so a late
+    delivery can never overwrite the job id of the work that replaced it."""
+    tries = int(delivery.meta.get("lock_requeues", 0)) + 1
+
+    def decide(loaded: Loaded) -> None:
+        plan = loaded.plan
+        step = plan.step(delivery.step_name)
+        verdict = decisions.admissible(plan, step, delivery.kind, delivery.attempt)
+        if verdict:
+            _refuse(loaded, step, delivery, verdict, log)
+            return
+        if tries > settings.SAGAS_LOCK_REQUEUES:
+            log.warning("task lock still busy after %s re-queues; left to the reaper", tries - 1)
+            details = {"step": step.name, "kind": delivery.kind, "attempt": delivery.attempt}
+            plan.audit(AuditAction.LOCK_BUSY, details=details)
+            return
+        at = plan.after(random.uniform(0.2, 1.5))  # noqa: S311
+        meta = {**delivery.meta, "lock_requeues": tries}
+        jid = plan.schedule(
+            step, delivery.kind, delivery.attempt, at=at, suffix=f"l{tries}", meta=meta
+        )
+        log.info("task lock busy; re-queued as %s", jid)
+
+    apply.decide(delivery.task_id, decide)

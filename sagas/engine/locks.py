@@ -32,22 +32,21 @@ def lock_key(task_id: object, scope: str = "") -> str:
     return key("lock", task_id, scope) if scope else key("lock", task_id)
 
 
-class TaskLock:
-    """One holder at a time for a task (or one branch of it); expires unless renewed."""
+class Lease:
+    """A Redis key one holder owns until it expires or is released: SET NX PX with a random
+    token; renew and release only while the token is still ours."""
 
-    def __init__(
-        self, connection: Redis, task_id: object, expiry_s: float, scope: str = ""
-    ) -> None:
+    def __init__(self, connection: Redis, key_name: str, expiry_s: float, token: str = "") -> None:
         self.connection = connection
-        self.key = lock_key(task_id, scope)
-        self.expiry_ms = int(expiry_s * 1000)
-        self.token = secrets.token_hex(16)
+        self.key = key_name
+        self.expiry_ms = max(1, int(expiry_s * 1000))
+        self.token = token or secrets.token_hex(16)
 
     def acquire(self) -> bool:
         return bool(self.connection.set(self.key, self.token, nx=True, px=self.expiry_ms))
 
     def renew(self) -> bool:
-        """Extend the expiry; False means the lock was lost (expired or taken over)."""
+        """Extend the expiry; False means the lease was lost (expired or taken over)."""
         return bool(self.connection.eval(_RENEW, 1, self.key, self.token, self.expiry_ms))
 
     def release(self) -> bool:
@@ -56,6 +55,15 @@ class TaskLock:
     def holder(self) -> str | None:
         value = self.connection.get(self.key)
         return value.decode() if isinstance(value, bytes) else value
+
+
+class TaskLock(Lease):
+    """One holder at a time for a task (or one branch of it); expires unless renewed."""
+
+    def __init__(
+        self, connection: Redis, task_id: object, expiry_s: float, scope: str = ""
+    ) -> None:
+        super().__init__(connection, lock_key(task_id, scope), expiry_s)
 
 
 def release_if_held_by(connection: Redis, lock_key_name: str, token: str) -> bool:

@@ -1,43 +1,60 @@
 """The reaper: rebuilds from the database what Redis or a dead worker lost.
 
-Run by the workers themselves, at most one at a time fleet-wide (a Redis lock that
-lives for one interval). Liveness is judged by the attempt's database heartbeat, so a
-Redis flush never makes a live attempt look lost.
+A pass costs what the tasks that need help cost, not what the active ones do. It looks
+at two indexed sets only: attempts whose heartbeat expired, and tasks whose wake-up time
+(kept by every applied decision, ``rescue.wake_time``) has passed. Each set is read in
+batches; the Redis checks of a batch are pipelined; tasks whose jobs merely wait for a
+worker are pushed back with one UPDATE; only tasks that need a change are locked.
+
+The workers run it (no extra process): their maintenance enqueues a pass as a job at
+the front of the queue at most once per ``SAGAS_REAPER_INTERVAL`` fleet-wide, so no
+worker's main loop is blocked by it, and a pass hands each next batch on as a new job,
+so no worker is busy with it for more than a batch. One pass at a time holds the turn,
+renewed with every batch, until it ends.
+
+Liveness is judged on the database's clock and by the database heartbeat, so a Redis
+flush never makes a live attempt look lost; and after an outage, or a gap between
+passes, longer than a saga's lock expiry (every heartbeat looks stale then), nothing is
+declared lost until one full expiry has been watched with the database reachable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import secrets
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import Exists, OuterRef, Q
-from django.utils import timezone
+from django.db import transaction
+from django.db.models import Case, Q, Value, When
 from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
 
 from sagas import audit
 from sagas.audit import AuditAction
-from sagas.definitions import UnknownSaga, registry
-from sagas.engine import cancellation, dispatch, flow
+from sagas.definitions import registry
+from sagas.engine import apply, dispatch, rescue
+from sagas.engine.apply import Loaded
 from sagas.engine.connection import key, queue, redis
-from sagas.engine.executor import Outcome, settle_dead_attempt
-from sagas.models import StepAttempt, StepRecord, TaskInstance
-from sagas.states import ACTIVE_TASK_STATUSES, AttemptKind, AttemptOutcome, StepStatus, TaskStatus
+from sagas.engine.decisions import Outcome
+from sagas.engine.executor import settle_dead_attempt
+from sagas.engine.locks import Lease
+from sagas.engine.plan import Plan, Schedule, StopAttempt
+from sagas.engine.requests import BY_DEADLINE
+from sagas.models import StepAttempt, TaskInstance
+from sagas.states import AttemptOutcome
 
 logger = logging.getLogger("sagas.engine")
 
-ALIVE_STATUSES = {JobStatus.QUEUED, JobStatus.DEFERRED}
-ALIVE, STUCK_SCHEDULED, MISSING = "alive", "stuck_scheduled", "missing"
-ACTION_WAITING = (StepStatus.PENDING, StepStatus.WAITING_RETRY)
-COMPENSATION_WAITING = (StepStatus.SUCCEEDED, StepStatus.COMPENSATING)
+LOST, WOKEN = "lost", "woken"
+UNKNOWN_SAGA_EXPIRY_S = 60
+TURN_KEY = key("reaper", "turn")
+CADENCE_KEY = key("reaper", "cadence")
+FOLLOW_UP_KEY = key("reaper", "follow-up")
+WATCH_KEY = key("reaper", "watch")
+REAPER_JOB = "sagas.engine.reaper.reaper_pass"
 
 
 @dataclass
@@ -46,288 +63,332 @@ class ReapReport:
     requeued_jobs: list[str] = field(default_factory=list)
     deadlines: list[str] = field(default_factory=list)
     stopped_jobs: int = 0
+    stuck: list[str] = field(default_factory=list)
+    waiting_for_watch: int = 0
+
+    def merge(self, other: ReapReport) -> None:
+        self.lost_attempts += other.lost_attempts
+        self.requeued_jobs += other.requeued_jobs
+        self.deadlines += other.deadlines
+        self.stopped_jobs += other.stopped_jobs
+        self.stuck += other.stuck
+        self.waiting_for_watch += other.waiting_for_watch
 
 
-def database_now() -> datetime:
-    """The database's clock. Heartbeats are written with it (``Now()``), so a reaper on a
-    machine whose clock runs fast never takes a live attempt for a lost one."""
-    if connection.vendor != "postgresql":
-        return timezone.now()  # SQLite is embedded: it shares this machine's clock
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT statement_timestamp()")
-        row = cursor.fetchone()
-    return row[0]  # type: ignore[no-any-return]
+@dataclass(frozen=True)
+class Cursor:
+    """Where a pass goes on: the stage and the last (time, id) it handled there."""
+
+    stage: str = LOST
+    after_time: str = ""
+    after_id: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"stage": self.stage, "after_time": self.after_time, "after_id": self.after_id}
+
+
+# --- passes --------------------------------------------------------------------------------
 
 
 def reap(now: datetime | None = None, *, force: bool = False) -> ReapReport | None:
-    """One reaper pass; None if another worker holds the fleet-wide reaper lock."""
-    if not force and not _take_turn():
+    """A whole pass in this process (tests, commands); None if another pass holds the turn.
+
+    ``now`` pretends the database's clock says so.
+    """
+    turn = _turn()
+    if not force and not turn.acquire():
         return None
     report = ReapReport()
-    # Heartbeats are written on the database's clock; the other times it compares (retry
-    # times, updates, deadlines, RQ's own) come from the workers' clocks.
-    report.lost_attempts = reap_lost_attempts(now or database_now())
-    now = now or timezone.now()
-    report.requeued_jobs = requeue_missing_jobs(now)
-    report.deadlines = cancel_past_deadline(now)
-    report.stopped_jobs = enforce_cancellations(now)
-    if report.lost_attempts or report.requeued_jobs:
-        logger.info(
-            "reaper: %s lost attempts, %s jobs re-enqueued",
-            len(report.lost_attempts),
-            len(report.requeued_jobs),
-        )
+    try:
+        cursor: Cursor | None = Cursor()
+        first = True
+        while cursor is not None:
+            cursor = run_batch(report, cursor, now, first=first)
+            first = False
+            if not force:
+                turn.renew()
+    finally:
+        if not force:
+            turn.release()
+    _log(report)
     return report
 
 
-def _grace() -> timedelta:
-    """How late a job may be: the scheduler polls every second and rounds up to the next
-    one, and a queued job may wait for a free worker (SAGAS_REAPER_GRACE)."""
-    return timedelta(seconds=settings.SAGAS_REAPER_GRACE)
+def reaper_pass(token: str = "", cursor: dict[str, str] | None = None) -> None:
+    """The RQ job: one batch of a pass, then the rest handed on at the front of the queue."""
+    turn = _turn(token)
+    if not (turn.renew() if token else turn.acquire()):
+        return  # another pass holds the turn (or this one's turn ran out)
+    report = ReapReport()
+    start = cursor is None
+    nxt = run_batch(report, Cursor(**cursor) if cursor else Cursor(), None, first=start)
+    _log(report)
+    if nxt is None:
+        turn.release()
+        return
+    queue().enqueue(
+        REAPER_JOB, turn.token, nxt.as_dict(), at_front=True, result_ttl=0, job_timeout=600
+    )
 
 
-def _take_turn() -> bool:
-    interval_ms = max(1000, int(settings.SAGAS_REAPER_INTERVAL * 1000) - 500)
-    return bool(redis().set(key("reaper"), secrets.token_hex(8), nx=True, px=interval_ms))
+def schedule_pass() -> bool:
+    """From a worker's maintenance: enqueue a pass unless one was enqueued this interval."""
+    interval_ms = max(1000, int(settings.SAGAS_REAPER_INTERVAL * 1000))
+    if not redis().set(CADENCE_KEY, "1", nx=True, px=interval_ms):
+        return False
+    queue().enqueue(REAPER_JOB, at_front=True, result_ttl=0, job_timeout=600)
+    return True
 
 
-# --- attempts whose worker died ----------------------------------------------------------
+def _turn(token: str = "") -> Lease:
+    lease_s = max(60, 3 * settings.SAGAS_REAPER_INTERVAL)
+    return Lease(redis(), TURN_KEY, lease_s, token)
 
 
-def reap_lost_attempts(now: datetime) -> list[int]:
-    shortest = min((s.lock_expiry_s for s in map(registry.get, registry.names())), default=60)
-    candidates = StepAttempt.objects.filter(
-        outcome=AttemptOutcome.RUNNING, heartbeat_at__lt=now - timedelta(seconds=shortest)
-    ).select_related("step__task")
-    return [a.pk for a in candidates if _is_stale(a, now) and _guarded(_declare_lost, a, now)]
+def run_batch(
+    report: ReapReport, cursor: Cursor, now: datetime | None, *, first: bool = False
+) -> Cursor | None:
+    """One batch of the cursor's stage; the cursor to go on from, or None at the end."""
+    db_now = now or apply.database_now()
+    if cursor.stage == LOST:
+        watch = observe(db_now, first=first)
+        nxt = _lost_batch(report, cursor, db_now, watch)
+        return nxt or Cursor(WOKEN)
+    return _woken_batch(report, cursor, db_now)
+
+
+def _log(report: ReapReport) -> None:
+    if report.lost_attempts or report.requeued_jobs or report.stuck or report.deadlines:
+        logger.info(
+            "reaper: %s lost attempts, %s jobs re-enqueued, %s deadlines, %s stuck",
+            len(report.lost_attempts),
+            len(report.requeued_jobs),
+            len(report.deadlines),
+            len(report.stuck),
+        )
 
 
 def _guarded(work: Callable[..., Any], *args: Any) -> Any:
     """One item's failure is logged and skipped: it must never stop the fleet's reaper."""
     try:
-        with transaction.atomic():
-            return work(*args)
+        return work(*args)
     except Exception:
         logger.exception("reaper: %s%r failed; skipped this pass", work.__name__, args[:1])
         return None
 
 
-def _is_stale(attempt: StepAttempt, now: datetime) -> bool:
+def _batch_size() -> int:
+    return max(1, int(settings.SAGAS_REAPER_BATCH))
+
+
+def _after(field_name: str, cursor: Cursor) -> Q:
+    """Keyset pagination on (time, id): rows after the last one this pass handled."""
+    if not cursor.after_time:
+        return Q()
+    moment = datetime.fromisoformat(cursor.after_time)
+    return Q(**{f"{field_name}__gt": moment}) | Q(**{field_name: moment, "pk__gt": cursor.after_id})
+
+
+# --- the watch: no bulk "lost" after an outage ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Since when (database clock, epoch seconds) passes have watched without a gap longer
+    than each lock expiry."""
+
+    now: float
+    since: dict[int, float]
+
+    def observed(self, expiry_s: int) -> bool:
+        since = self.since.get(expiry_s)
+        return since is not None and self.now - since >= expiry_s
+
+
+def watch_after(state: dict[str, float], now: float, expiries: set[int]) -> dict[str, float]:
+    """The watch after a pass at ``now`` (pure): an expiry's watch starts again when the
+    previous pass was longer ago than that expiry, or there is none on record."""
+    last = state.get("last")
+    gap = now - last if last is not None else math.inf
+    updated = {"last": now}
+    for expiry in expiries:
+        since = state.get(f"since:{expiry}")
+        updated[f"since:{expiry}"] = now if since is None or gap > expiry else since
+    return updated
+
+
+def observe(db_now: datetime, *, first: bool) -> Watch:
+    """Read (and at a pass's start, advance) the fleet-wide watch kept in Redis. Losing it
+    only restarts the watch: the safe direction."""
+    now = db_now.timestamp()
     try:
-        expiry = registry.get(attempt.step.task.saga).lock_expiry_s
-    except UnknownSaga:
-        expiry = 60
-    # Heartbeats come every third of the lock expiry: a full expiry means three were missed.
-    return attempt.heartbeat_at is not None and attempt.heartbeat_at < now - timedelta(
-        seconds=expiry
+        raw = redis().hgetall(WATCH_KEY)
+        state = {_text(k): float(v) for k, v in raw.items()}
+        if first:
+            state = watch_after(state, now, _expiries())
+            redis().hset(WATCH_KEY, mapping=state)  # type: ignore[arg-type]
+    except RedisError:
+        state = {}
+    since = {int(k.split(":")[1]): v for k, v in state.items() if k.startswith("since:")}
+    return Watch(now, since)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _expiries() -> set[int]:
+    return {registry.get(n).lock_expiry_s for n in registry.names()} | {UNKNOWN_SAGA_EXPIRY_S}
+
+
+def _follow_up(expiry_s: int) -> None:
+    """Come back within half an expiry, so the watch can complete without a gap."""
+    delay = max(1.0, expiry_s / 2)
+    try:
+        if redis().set(FOLLOW_UP_KEY, "1", nx=True, px=int(delay * 1000)):
+            queue().enqueue_in(timedelta(seconds=delay), REAPER_JOB, result_ttl=0, job_timeout=600)
+    except RedisError as exc:
+        logger.warning("reaper: could not schedule its follow-up pass: %s", exc)
+
+
+# --- attempts whose heartbeat expired ------------------------------------------------------
+
+
+def _lost_batch(report: ReapReport, cursor: Cursor, now: datetime, watch: Watch) -> Cursor | None:
+    candidates = list(
+        StepAttempt.objects.filter(
+            _after("heartbeat_expires_at", cursor),
+            outcome=AttemptOutcome.RUNNING,
+            heartbeat_expires_at__lt=now,
+        )
+        .select_related("step")
+        .only(*LOST_FIELDS)
+        .order_by("heartbeat_expires_at", "pk")[: _batch_size()]
     )
+    waiting = [a for a in candidates if not watch.observed(_lease(a))]
+    for attempt in candidates:
+        if attempt not in waiting and _guarded(_declare_lost, attempt):
+            report.lost_attempts.append(attempt.pk)
+    if waiting:
+        report.waiting_for_watch += len(waiting)
+        _follow_up(min(_lease(a) for a in waiting))
+    if len(candidates) < _batch_size():
+        return None
+    last = candidates[-1]
+    assert last.heartbeat_expires_at is not None
+    return Cursor(LOST, last.heartbeat_expires_at.isoformat(), str(last.pk))
 
 
-def _declare_lost(attempt: StepAttempt, now: datetime) -> bool:
-    error = f"lost: no heartbeat from {attempt.worker or 'its worker'} since {attempt.heartbeat_at}"
-    if not settle_dead_attempt(attempt, Outcome(AttemptOutcome.LOST, error=error)):
-        return False
-    audit.record(
-        attempt.step.task,
-        AuditAction.ATTEMPT_LOST,
-        step=attempt.step,
-        details={
+LOST_FIELDS = (
+    "pk",
+    "kind",
+    "number",
+    "worker",
+    "lock_key",
+    "lock_token",
+    "heartbeat_at",
+    "heartbeat_expires_at",
+    "step__task_id",
+    "step__name",
+)
+
+
+def _lease(attempt: StepAttempt) -> int:
+    """The lock expiry this attempt beats against (written with each heartbeat)."""
+    if attempt.heartbeat_at is None or attempt.heartbeat_expires_at is None:
+        return UNKNOWN_SAGA_EXPIRY_S
+    return round((attempt.heartbeat_expires_at - attempt.heartbeat_at).total_seconds())
+
+
+def _declare_lost(attempt: StepAttempt) -> bool:
+    beat = attempt.heartbeat_at.isoformat() if attempt.heartbeat_at else None
+    error = f"lost: no heartbeat from {attempt.worker or 'its worker'} since {beat}"
+    with transaction.atomic():
+        if not settle_dead_attempt(attempt, Outcome(AttemptOutcome.LOST, error=error)):
+            return False
+        task = TaskInstance.objects.get(pk=attempt.step.task_id)
+        details = {
             "kind": attempt.kind,
             "attempt": attempt.number,
             "worker": attempt.worker,
-            "last_heartbeat": attempt.heartbeat_at.isoformat() if attempt.heartbeat_at else None,
-        },
-    )
+            "last_heartbeat": beat,
+        }
+        audit.record(task, AuditAction.ATTEMPT_LOST, step=attempt.step, details=details)
     return True
 
 
-# --- work that should be queued but is not -------------------------------------------------
+# --- tasks whose wake-up time passed -------------------------------------------------------
 
 
-def requeue_missing_jobs(now: datetime) -> list[str]:
-    """Active tasks whose next job vanished (Redis flush, enqueue failure, slow fail-over)."""
-    requeued: list[str] = []
-    # Active tasks, and ended ones with a late branch still to undo on its own.
-    alone = Q(steps__compensate_alone=True, steps__status__in=COMPENSATION_WAITING)
-    stale_tasks = TaskInstance.objects.filter(
-        Q(status__in=ACTIVE_TASK_STATUSES) | alone, updated_at__lt=now - _grace()
-    ).distinct()
-    for task in stale_tasks.iterator():
-        requeued += _guarded(_requeue_task_jobs, task, now) or []
-    return requeued
-
-
-def _requeue_task_jobs(task: TaskInstance, now: datetime) -> list[str]:
-    # Decide on fresh rows with the task locked: a worker may have just scheduled its next
-    # job, and a stale job id written here would hide that job from the next pass.
-    task = flow.locked_task(task.pk)
-    if task.updated_at >= now - _grace():
-        return []  # it moved since we looked: not stale any more
-    requeued = []
-    for step, kind in expected_jobs(task):
-        if not _overdue(step, now):
-            continue
-        state = job_state(step.job_id, now)
-        if state == STUCK_SCHEDULED:
-            _promote(step.job_id)
-            requeued.append(step.job_id)
-        elif state == MISSING and (jid := _enqueue_again(task, step, kind)):
-            requeued.append(jid)
-    return requeued
-
-
-def expected_jobs(task: TaskInstance) -> list[tuple[StepRecord, str]]:
-    """Steps that were handed to a worker and should have a job now (none while running)."""
-    running = set(
-        StepAttempt.objects.filter(step__task=task, outcome=AttemptOutcome.RUNNING).values_list(
-            "step_id", flat=True
-        )
+def _woken_batch(report: ReapReport, cursor: Cursor, now: datetime) -> Cursor | None:
+    woken = list(
+        TaskInstance.objects.filter(_after("wake_at", cursor), wake_at__lt=now)
+        .order_by("wake_at", "pk")
+        .values_list("pk", "wake_at")[: _batch_size()]
     )
-    undoing = task.status in (TaskStatus.COMPENSATING, TaskStatus.CANCELLING)
-    expected = []
-    for step in StepRecord.objects.filter(task=task, is_group=False).exclude(job_id=""):
-        if step.pk in running or step.status == StepStatus.RUNNING:
-            continue
-        kind = _job_kind(task, step)
-        if (kind == AttemptKind.ACTION and not undoing and step.status in ACTION_WAITING) or (
-            kind == AttemptKind.COMPENSATION
-            and (undoing or step.compensate_alone)
-            and step.status in COMPENSATION_WAITING
-        ):
-            expected.append((step, kind))
-    return expected
-
-
-def _job_kind(task: TaskInstance, step: StepRecord) -> str:
-    letter = step.job_id.removeprefix(f"saga-{task.pk}-{step.name}-")[:1]
-    return AttemptKind.COMPENSATION if letter == "c" else AttemptKind.ACTION
-
-
-def _overdue(step: StepRecord, now: datetime) -> bool:
-    return step.next_attempt_at is None or step.next_attempt_at < now - _grace()
-
-
-def job_state(job_id: str, now: datetime) -> str:
-    """ALIVE (queued, running, or scheduled for later), STUCK_SCHEDULED or MISSING."""
-    job = Job.fetch_many([job_id], connection=redis())[0] if job_id else None
-    if job is None:
-        return MISSING
-    status = job.get_status(refresh=False)
-    if status == JobStatus.SCHEDULED:
-        # No scheduler moved it in time: its scheduler died and the lock fails over slowly.
-        try:
-            due = queue().scheduled_job_registry.get_scheduled_time(job_id)
-        except NoSuchJobError:
-            return ALIVE  # the scheduler moved it just now
-        return STUCK_SCHEDULED if _aware(due) < now - _grace() else ALIVE
-    if status in ALIVE_STATUSES:
-        return ALIVE
-    # A started job is alive only while its worker keeps beating.
-    beat = job.last_heartbeat
-    if status == JobStatus.STARTED and beat and (now - _aware(beat)).total_seconds() < 120:
-        return ALIVE
-    return MISSING
-
-
-def _promote(job_id: str) -> None:
-    """Do the scheduler's work for one overdue job: move it onto the queue."""
-    job = Job.fetch(job_id, connection=redis())
-    q = queue()
-    q.scheduled_job_registry.remove(job)
-    q.enqueue_job(job, at_front=job.should_enqueue_at_front())
-    logger.warning("reaper moved overdue scheduled job %s onto the queue", job_id)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _enqueue_again(task: TaskInstance, step: StepRecord, kind: str) -> str:
-    attempt = (
-        step.compensation_attempt_count if kind == AttemptKind.COMPENSATION else step.attempt_count
-    ) + 1
-    suffix = f"r{int(timezone.now().timestamp())}"
-    definition = _definition(task, step.name)
-    timeout = definition.timeout_s if definition else None
-    jid = dispatch.schedule(step, kind, attempt, suffix=suffix, step_timeout_s=timeout)
-    logger.warning("reaper re-enqueues %s for task %s (%s)", jid, task.pk, task.status)
-    return jid
-
-
-def _definition(task: TaskInstance, step_name: str):  # type: ignore[no-untyped-def]
-    try:
-        return registry.get(task.saga).get_step(step_name)
-    except UnknownSaga:
+    if woken:
+        _visit([pk for pk, _ in woken], now, report)
+    if len(woken) < _batch_size():
         return None
+    pk, moment = woken[-1]
+    assert moment is not None  # the filter is wake_at < now
+    return Cursor(WOKEN, moment.isoformat(), str(pk))
 
 
-# --- cancellations the fast path may have missed ---------------------------------------------
+def _visit(task_ids: list[Any], now: datetime, report: ReapReport) -> None:
+    """Look at a batch without locks; rescue (locked) only the tasks that need it."""
+    timing = apply.timing()
+    plans = apply.load_plans(task_ids, now)
+    states = dispatch.job_states(jid for plan in plans for jid in rescue.jobs_to_check(plan))
+    later: dict[Any, datetime | None] = {}
+    for plan in plans:
+        if rescue.needs_rescue(plan, states, timing):
+            _guarded(_rescue, plan.task.pk, report)
+        else:
+            later[plan.task.pk] = _next_look(plan, states, timing, report)
+    _postpone(later)
 
 
-def cancel_past_deadline(now: datetime) -> list[str]:
-    """Tasks still active past their saga's ``deadline_s`` (the scheduled job may be gone)."""
-    cancelled = []
-    for saga in (registry.get(name) for name in registry.names()):
-        if not saga.deadline_s:
-            continue
-        overdue = TaskInstance.objects.filter(
-            saga=saga.name,
-            status__in=cancellation.STILL_ACTIVE,  # parked tasks wait for their operator
-            created_at__lt=now - timedelta(seconds=saga.deadline_s),
-        )
-        for task_id in overdue.values_list("pk", flat=True):
-            if _guarded(cancellation.enforce_deadline, str(task_id)) == "cancelled":
-                cancelled.append(str(task_id))
-    return cancelled
+def _next_look(
+    plan: Plan, states: dict[str, str], timing: rescue.Timing, report: ReapReport
+) -> datetime | None:
+    """When to look again at a task that needs nothing now: its own wake-up time, or,
+    while its jobs wait for a worker, a little later each time."""
+    if rescue.stuck(plan, states, timing):
+        report.stuck.append(str(plan.task.pk))
+        logger.warning("reaper: task %s is stuck and nothing it could do moves it", plan.task.pk)
+        return plan.now + timing.stuck_after
+    wake = rescue.wake_time(plan, timing)
+    if wake is None or wake > plan.now:
+        return wake
+    overdue = plan.now - (plan.task.wake_at or plan.now)
+    return plan.now + min(max(timing.grace, overdue), timing.stuck_after)
 
 
-def enforce_cancellations(now: datetime) -> int:
-    """Attempts still running well after their task's cancel: signal and stop them again."""
-    late = now - timedelta(seconds=settings.SAGAS_CANCEL_GRACE) - _grace()
-    attempts = StepAttempt.objects.filter(
-        outcome=AttemptOutcome.RUNNING,
-        kind=AttemptKind.ACTION,  # compensations are the undo the cancel asked for
-        step__task__status=TaskStatus.CANCELLING,
-        step__task__cancel_requested_at__lt=late,
-    ).select_related("step")
-    return _signal_and_stop(attempts, _signal_its_task) + stop_unneeded_branches(late)
-
-
-def stop_unneeded_branches(late: datetime) -> int:
-    """Branches still running well after their group decided without them (their stop
-    signal may have been lost): their task cannot complete until they stop."""
-    decided = StepRecord.objects.filter(
-        task=OuterRef("step__task"),
-        name=OuterRef("step__group"),
-        is_group=True,
-        finished_at__lt=late,
-    ).exclude(status=StepStatus.RUNNING)
-    attempts = (
-        StepAttempt.objects.filter(outcome=AttemptOutcome.RUNNING, kind=AttemptKind.ACTION)
-        .exclude(step__group="")
-        .filter(Exists(decided))
-        .select_related("step")
+def _postpone(later: dict[Any, datetime | None]) -> None:
+    """One UPDATE for the whole batch (it is not a change of the task: no updated_at)."""
+    if not later:
+        return
+    TaskInstance.objects.filter(pk__in=list(later)).update(
+        wake_at=Case(*(When(pk=pk, then=Value(at)) for pk, at in later.items()))
     )
-    return _signal_and_stop(attempts, _signal_the_attempt)
 
 
-def _signal_and_stop(attempts: Iterable[StepAttempt], signal: Callable[[StepAttempt], None]) -> int:
-    """Repeat the stop signal, then stop the job outright (its worker's parent records it)."""
-    stopped = 0
-    for attempt in attempts:
-        signal(attempt)
-        stopped += bool(_guarded(cancellation.stop_attempt_job, attempt))
-    return stopped
+def _rescue(task_id: Any, report: ReapReport) -> None:
+    def decide(loaded: Loaded) -> list[Any]:
+        plan = loaded.plan
+        if plan.task.wake_at is None or plan.task.wake_at > plan.now:
+            return []  # it moved on since the batch looked
+        states = dispatch.job_states(rescue.jobs_to_check(plan))
+        rescue.rescue(plan, states, apply.timing())
+        return list(plan.effects)
 
-
-def _signal_its_task(attempt: StepAttempt) -> None:
-    with contextlib.suppress(RedisError):
-        cancellation.signal_task(redis(), attempt.step.task_id)
-
-
-def _signal_the_attempt(attempt: StepAttempt) -> None:
-    cancellation.signal_attempt_safely(
-        cancellation.AttemptAddress(
-            str(attempt.step.task_id), attempt.step.name, attempt.kind, attempt.number
-        )
-    )
+    effects = apply.decide(task_id, decide)
+    for effect in effects:
+        if isinstance(effect, Schedule):
+            report.requeued_jobs.append(effect.job_id)
+            logger.warning("reaper re-enqueues %s for task %s", effect.job_id, task_id)
+        elif isinstance(effect, StopAttempt):
+            report.stopped_jobs += 1
+        elif getattr(effect, "details", None) and effect.details.get("by") == BY_DEADLINE:
+            report.deadlines.append(str(task_id))

@@ -40,6 +40,24 @@ def move_due_scheduled_jobs() -> None:
     scheduler.enqueue_scheduled_jobs()
 
 
+def hold_reaper(seconds: float = 120) -> None:
+    """Keep workers of this test from enqueueing reaper passes (as if one was just
+    scheduled): for tests that count the jobs a worker runs."""
+    from sagas.engine.reaper import CADENCE_KEY
+
+    redis().set(CADENCE_KEY, "held by the test", px=int(seconds * 1000))
+
+
+def reaper_watching(for_s: float = 3600) -> None:
+    """As if reaper passes had watched the database, without a gap, for ``for_s``: attempts
+    whose heartbeat expired may be declared lost at once."""
+    from sagas.engine import reaper
+
+    now = time.time()  # the test database runs on this machine: one clock
+    state = {"last": now, **{f"since:{e}": now - for_s for e in reaper._expiries()}}
+    redis().hset(reaper.WATCH_KEY, mapping=state)  # type: ignore[arg-type]
+
+
 def next_scheduled_in() -> float | None:
     registry = queue().scheduled_job_registry
     upcoming = redis().zrange(registry.key, 0, 0, withscores=True)
@@ -161,3 +179,57 @@ def workers_up(count: int, timeout: float = 30) -> None:
 def terminal(task: TaskInstance) -> bool:
     task.refresh_from_db()
     return task.status not in ACTIVE_TASK_STATUSES
+
+
+# ---- Fault injection: loopback proxies in front of Redis and Postgres -----------------------
+# Worker processes are pointed at a proxy instead of the real server, so a test can cut and
+# restore their connections without root (see tests/faults.py). Imports stay local so this
+# block only appends to the module.
+
+
+@pytest.fixture
+def redis_proxy():
+    """A started LoopbackProxy in front of the suite's private redis-server."""
+    from urllib.parse import urlsplit
+
+    from django.conf import settings
+
+    from tests.faults import LoopbackProxy
+
+    url = urlsplit(settings.REDIS_URL)
+    with LoopbackProxy(url.hostname or "127.0.0.1", url.port or 6379, name="redis") as proxy:
+        yield proxy
+
+
+def redis_url_via(proxy) -> str:
+    """``settings.REDIS_URL`` (same credentials and db number) through ``proxy``."""
+    from urllib.parse import urlsplit
+
+    from django.conf import settings
+
+    url = urlsplit(settings.REDIS_URL)
+    credentials = url.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@" if credentials else ""
+    return url._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}").geturl()
+
+
+@pytest.fixture
+def postgres_proxy():
+    """A started LoopbackProxy in front of the test database's server (Postgres only)."""
+    from tests.faults import LoopbackProxy
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs Postgres: the proxy forwards TCP to the database server")
+    db = connection.settings_dict
+    host, port = db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)
+    if host.startswith("/"):
+        pytest.skip("the test database is reached over a Unix socket, not TCP")
+    with LoopbackProxy(host, port, name="postgres") as proxy:
+        yield proxy
+
+
+def database_url_via(proxy) -> str:
+    """``database_url()`` with the proxy's address, for worker processes to connect through."""
+    credentials, _, location = database_url().rpartition("@")
+    name = location.partition("/")[2]
+    return f"{credentials}@127.0.0.1:{proxy.port}/{name}"

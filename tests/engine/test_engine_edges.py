@@ -14,16 +14,16 @@ from redis import Redis
 from rq import Queue
 
 from sagas.definitions import registry
-from sagas.engine import cancellation, dispatch, flow
+from sagas.engine import dispatch, stopping
 from sagas.engine.connection import queue, redis
 from sagas.engine.locks import TaskLock
 from sagas.engine.logs import JsonFormatter, engine_logger
 from sagas.engine.reaper import reap
 from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
-from sagas.services import start
+from sagas.services import request_cancel, start
 from sagas.states import AttemptKind, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
-from tests.engine.conftest import drain, run_to_end
+from tests.engine.conftest import drain, reaper_watching, run_to_end
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,7 +40,9 @@ def test_a_step_past_its_timeout_is_timed_out_and_retried():
     assert step.attempt_count == 2
 
 
-def test_a_task_whose_step_was_removed_by_a_deploy_is_dead_lettered(monkeypatch):
+def test_a_task_whose_step_was_removed_by_a_deploy_is_dead_lettered(monkeypatch, settings):
+    # After handing the job back once for a worker that might have the step, it is parked.
+    settings.SAGAS_CODE_REQUEUES = 1
     saga = registry.get("shrinking")
     task, _ = start("shrinking", {})
     monkeypatch.setattr(saga, "steps", saga.steps[:1])  # the deploy dropped "second"
@@ -48,6 +50,10 @@ def test_a_task_whose_step_was_removed_by_a_deploy_is_dead_lettered(monkeypatch)
     assert task.status == "dead_lettered"
     assert "step 'second' of saga 'shrinking' no longer exists" in task.error_summary
     assert task.steps.get(name="first").status == "succeeded"
+    handed_back = AuditEntry.objects.get(task=task, action="code_missing")
+    assert handed_back.details["attempt"] == 1
+    parked = AuditEntry.objects.get(task=task, action="dead_lettered")
+    assert parked.details["steps"] == ["second"]
 
 
 def test_a_busy_lock_requeues_a_bounded_number_of_times_then_the_reaper_recovers(settings):
@@ -129,14 +135,14 @@ def test_one_broken_item_does_not_stop_the_reaper(monkeypatch, settings):
     broken, _ = start("chaos", {})
     healthy, _ = start("chaos", {})
     queue().empty()  # both tasks lost their jobs
-    real = reaper._requeue_task_jobs
+    real = reaper._rescue
 
-    def flaky(task, now):
-        if task.pk == broken.pk:
+    def flaky(task_id, report):
+        if task_id == broken.pk:
             raise RuntimeError("poisoned row")
-        return real(task, now)
+        return real(task_id, report)
 
-    monkeypatch.setattr(reaper, "_requeue_task_jobs", flaky)
+    monkeypatch.setattr(reaper, "_rescue", flaky)
     report = reap(force=True)
     assert report is not None
     assert [j for j in report.requeued_jobs if str(healthy.pk) in j]
@@ -148,10 +154,18 @@ def test_a_reaper_whose_clock_runs_fast_does_not_take_a_live_attempt_for_lost(mo
     step = task.steps.get(name="reserve")
     transition(task, TaskStatus.RUNNING)
     transition_step(step, StepStatus.RUNNING)
+    lease = timedelta(seconds=registry.get("chaos").lock_expiry_s)
     attempt = StepAttempt.objects.create(
-        step=step, kind="action", number=1, lock_token="t", worker="w", heartbeat_at=Now()
+        step=step,
+        kind="action",
+        number=1,
+        lock_token="t",
+        worker="w",
+        heartbeat_at=Now(),
+        heartbeat_expires_at=Now() + lease,
     )
     StepRecord.objects.filter(pk=step.pk).update(attempt_count=1)
+    reaper_watching()
     fast = timezone.now() + timedelta(hours=1)  # this worker's clock is an hour ahead
     monkeypatch.setattr(timezone, "now", lambda: fast)
 
@@ -161,7 +175,10 @@ def test_a_reaper_whose_clock_runs_fast_does_not_take_a_live_attempt_for_lost(mo
     assert attempt.outcome == "running"
 
     # Judged on the database's clock, an attempt that really went silent is still lost.
-    StepAttempt.objects.filter(pk=attempt.pk).update(heartbeat_at=Now() - timedelta(minutes=5))
+    silent = Now() - timedelta(minutes=5)
+    StepAttempt.objects.filter(pk=attempt.pk).update(
+        heartbeat_at=silent, heartbeat_expires_at=silent + lease
+    )
     report = reap(force=True)
     assert report is not None and report.lost_attempts == [attempt.pk]
     attempt.refresh_from_db()
@@ -173,22 +190,26 @@ def first_hotel_decided_while_stubborn_runs() -> tuple[TaskInstance, dict[str, S
     task, _ = start("first-hotel", {})
     queue().empty()  # the branches' own jobs: their outcome is written here
     with transaction.atomic():
-        flow.move(task, TaskStatus.RUNNING)
-        steps = {s.name: s for s in flow.steps_of(task)}
+        assert transition(task, TaskStatus.RUNNING)
+        steps = {s.name: s for s in task.steps.all()}
         for name in ("fast_hotel", "stubborn_hotel"):
-            flow.move_step(steps[name], StepStatus.RUNNING)
-        flow.move_step(steps["fast_hotel"], StepStatus.SUCCEEDED)
-        flow.move_step(steps["slow_hotel"], StepStatus.SKIPPED)
-        flow.move_step(steps["offers"], StepStatus.SUCCEEDED, finished_at=timezone.now())
+            assert transition_step(steps[name], StepStatus.RUNNING)
+        assert transition_step(steps["fast_hotel"], StepStatus.SUCCEEDED)
+        assert transition_step(steps["slow_hotel"], StepStatus.SKIPPED)
+        assert transition_step(
+            steps["offers"], StepStatus.SUCCEEDED, fields={"finished_at": timezone.now()}
+        )
     return task, steps
 
 
-def test_a_late_branch_whose_undo_code_vanished_still_lets_its_task_complete(monkeypatch):
+def test_a_late_branch_whose_undo_code_vanished_still_lets_its_task_complete(monkeypatch, settings):
+    settings.SAGAS_CODE_REQUEUES = 0  # no worker will have it: park at once
     task, steps = first_hotel_decided_while_stubborn_runs()
     with transaction.atomic():  # stubborn_hotel finished late and waits for its own undo
-        flow.move_step(steps["stubborn_hotel"], StepStatus.SUCCEEDED)
+        assert transition_step(steps["stubborn_hotel"], StepStatus.SUCCEEDED)
         StepRecord.objects.filter(pk=steps["stubborn_hotel"].pk).update(compensate_alone=True)
-        flow.schedule_compensation(steps["stubborn_hotel"], registry.get("first-hotel"))
+        jid = dispatch.job_id(task.pk, "stubborn_hotel", AttemptKind.COMPENSATION, 1)
+        dispatch.schedule(steps["stubborn_hotel"], AttemptKind.COMPENSATION, 1, jid)
     # ... and a deploy removed stubborn_hotel before its undo ran.
     saga = registry.get("first-hotel")
     original = saga.get_step
@@ -206,7 +227,7 @@ def test_a_late_branch_whose_undo_code_vanished_still_lets_its_task_complete(mon
 
 def test_a_deadline_does_not_undo_a_task_whose_work_is_done():
     task, _ = first_hotel_decided_while_stubborn_runs()
-    outcome = cancellation.request(task.pk, None, "deadline passed", by="deadline")
+    outcome = request_cancel(task.pk, None, "deadline passed", by="deadline")
     assert outcome.outcome == "work_done"
     task.refresh_from_db()
     assert task.status == "running"  # stubborn_hotel still runs; nothing was undone
@@ -220,10 +241,10 @@ def test_the_reaper_stops_a_branch_still_running_long_after_its_group_decided(se
     attempt = StepAttempt.objects.create(
         step=steps["stubborn_hotel"], kind="action", number=1, job_id="saga-x", worker="w"
     )
-    address = cancellation.AttemptAddress(str(task.pk), "stubborn_hotel", "action", 1)
-    assert cancellation.signalled_at(redis(), address) is None  # its stop signal was lost
+    address = stopping.AttemptAddress(str(task.pk), "stubborn_hotel", "action", 1)
+    assert stopping.signalled_at(redis(), address) is None  # its stop signal was lost
 
     reap(now=timezone.now() + timedelta(seconds=1), force=True)
-    assert cancellation.signalled_at(redis(), address) is not None
+    assert stopping.signalled_at(redis(), address) is not None
     attempt.refresh_from_db()
     assert attempt.outcome == "running"  # the worker's parent records the stop, not the reaper
