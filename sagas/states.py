@@ -57,8 +57,17 @@ class CompensationReason(TextChoices):
 _T = TaskStatus
 TASK_TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
     # pending -> waiting_retry: the first step met an open breaker before any attempt.
+    # pending -> compensating / failed: a first group timed out before any branch ran.
     _T.PENDING: frozenset(
-        {_T.RUNNING, _T.WAITING_RETRY, _T.CANCELLED, _T.CANCELLING, _T.DEAD_LETTERED}
+        {
+            _T.RUNNING,
+            _T.WAITING_RETRY,
+            _T.COMPENSATING,
+            _T.FAILED,
+            _T.CANCELLED,
+            _T.CANCELLING,
+            _T.DEAD_LETTERED,
+        }
     ),
     _T.RUNNING: frozenset(
         {

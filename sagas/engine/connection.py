@@ -14,6 +14,8 @@ from typing import Any
 import django_rq
 from django.conf import settings
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 QUEUE_NAME = "default"
 KEY_PREFIX = "sagas:"
@@ -22,6 +24,10 @@ KEY_PREFIX = "sagas:"
 CONNECT_TIMEOUT_S = 5
 SOCKET_TIMEOUT_S = 10
 HEALTH_CHECK_INTERVAL_S = 30
+# Ride over a blip of a fraction of a second, but never make a step's ``ctx.cancelled``
+# (called in loops) wait seconds for a Redis that is down: the engine copes without it.
+RETRIES = 2
+RETRY_BACKOFF = ExponentialBackoff(cap=0.2, base=0.05)
 
 _lock = threading.Lock()
 _cache: dict[tuple[int, str], tuple[Redis, Any]] = {}
@@ -45,6 +51,7 @@ def _client_and_queue() -> tuple[Redis, Any]:
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 socket_timeout=SOCKET_TIMEOUT_S,
                 health_check_interval=HEALTH_CHECK_INTERVAL_S,
+                retry=Retry(RETRY_BACKOFF, RETRIES),
             )
             _cache[key] = (client, django_rq.get_queue(QUEUE_NAME, connection=client))
         return _cache[key]

@@ -94,6 +94,7 @@ class Started:
     timeout_s: float | None
     log: Log = field(repr=False)
     lock_released: bool = False
+    settled: bool = False
 
 
 def run_step(task_id: str, step_name: str, kind: str, attempt: int) -> None:
@@ -311,6 +312,7 @@ def _run_and_settle(started: Started) -> None:
         _release(started.lock, started.log)
         started.lock_released = True
         _settle_durably(started, outcome)
+        started.settled = True  # the heartbeat has nothing left to keep alive
         horse.current().end_settle()
     _record_breaker(started, outcome)
 
@@ -352,6 +354,8 @@ def _json_safe(result: Any) -> Any:
 
 def _keep_alive(started: Started) -> None:
     """One beat; a failing beat is logged and the next one tries again (never dies)."""
+    if started.settled:
+        return
     if not started.lock_released:
         try:
             if not started.lock.renew():
@@ -369,7 +373,7 @@ def _keep_alive(started: Started) -> None:
         started.log.warning("heartbeat not written (%s); reconnecting for the next beat", exc)
         connections.close_all()
         return
-    if not alive:
+    if not alive and not started.settled:
         _superseded(started)
 
 

@@ -305,6 +305,9 @@ class Plan:
         meta: dict[str, Any] | None = None,
     ) -> str:
         jid = job_id(self.task.pk, step.name, kind, attempt, suffix)
+        if at is not None and step.next_attempt_at != at:
+            # A delayed job's due time is what tells the reaper its scheduler is late.
+            self.update_step(step, next_attempt_at=at)
         definition = self.definition(step)
         timeout = definition.timeout_s if definition else None
         self.effects.append(Schedule(step.name, kind, attempt, jid, at, timeout, meta))

@@ -29,7 +29,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, Q, Value, When
+from django.db.models import Case, DateTimeField, Q, Value, When
+from django.db.models.functions import Cast
 from redis.exceptions import RedisError
 
 from sagas import audit
@@ -369,8 +370,11 @@ def _postpone(later: dict[Any, datetime | None]) -> None:
     """One UPDATE for the whole batch (it is not a change of the task: no updated_at)."""
     if not later:
         return
+    moment = DateTimeField()
+    # Cast: in a CASE, Postgres would otherwise take the bound parameters for text.
+    whens = [When(pk=pk, then=Cast(Value(at), moment)) for pk, at in later.items()]
     TaskInstance.objects.filter(pk__in=list(later)).update(
-        wake_at=Case(*(When(pk=pk, then=Value(at)) for pk, at in later.items()))
+        wake_at=Case(*whens, output_field=moment)
     )
 
 

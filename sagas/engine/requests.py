@@ -9,7 +9,7 @@ from typing import Any
 from sagas.audit import AuditAction
 from sagas.engine import decisions
 from sagas.engine.plan import Plan
-from sagas.states import CompensationReason, StepStatus, TaskStatus
+from sagas.states import AttemptKind, CompensationReason, StepStatus, TaskStatus
 
 CANCELLABLE = (
     TaskStatus.PENDING,
@@ -164,8 +164,9 @@ def redrive(plan: Plan, actor: Any, reason: str, parked_by: list[str] | None) ->
         },
         error_summary="",
     )
-    for step in steps:
-        decisions.schedule_action(plan, step)  # branches too: advance starts only nodes
+    for step in steps:  # branches too: advance starts only nodes
+        suffix = f"rd{int(plan.now.timestamp())}"  # its earlier job may carry the same attempt
+        plan.schedule(step, AttemptKind.ACTION, step.attempt_count + 1, suffix=suffix)
     decisions.advance(plan)
 
 

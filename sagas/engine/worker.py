@@ -25,6 +25,7 @@ from sagas.states import AttemptOutcome
 logger = logging.getLogger("sagas.engine")
 
 MONITOR_INTERVAL_S = 1
+REDIS_WAIT_MAX_S = 30
 STOPPED = "step stopped by RQ's stop-job"
 
 
@@ -51,6 +52,7 @@ class ReaperMixin:
             self._last_reaper_check = time.monotonic()
             try:
                 reaper.schedule_pass()
+                self._revive_scheduler()
             except RedisError as exc:  # the dequeue loop reports Redis trouble on its own
                 logger.warning("could not schedule a reaper pass: %s", exc)
         if super().should_run_maintenance_tasks:  # type: ignore[misc]
@@ -58,6 +60,15 @@ class ReaperMixin:
                 super().run_maintenance_tasks()  # type: ignore[misc]
             except RedisError as exc:  # a Redis blip must not end the worker: try next time
                 logger.warning("RQ maintenance skipped: %s", exc)
+
+    def _revive_scheduler(self) -> None:
+        """RQ restarts a scheduler process that died (it does on a Redis outage) only every
+        ten minutes; every scheduled retry would wait that long. Restart it now."""
+        scheduler = getattr(self, "scheduler", None)
+        process = getattr(scheduler, "_process", None)
+        if scheduler is not None and process is not None and not process.is_alive():
+            logger.warning("the RQ scheduler process had died; restarting it")
+            scheduler.acquire_locks(auto_start=True)
 
 
 class SagaWorker(ReaperMixin, Worker):
@@ -131,6 +142,26 @@ class SagaWorker(ReaperMixin, Worker):
         except RedisError:
             return False
 
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> Any:
+        """RQ retries a lost Redis inside its dequeue, but not the bookkeeping around it:
+        wait for Redis with backoff instead of ending the worker."""
+        wait = 1.0
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except RedisError as exc:
+                logger.warning("Redis unreachable (%s); trying again in %.0f s", exc, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, REDIS_WAIT_MAX_S)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except RedisError as exc:  # the dequeue that follows waits for Redis with backoff
+            logger.warning("could not check for suspension: %s", exc)
+
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         if pipeline is not None:
             super().heartbeat(timeout, pipeline=pipeline)
@@ -145,6 +176,13 @@ class SagaWorker(ReaperMixin, Worker):
     def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)  # type: ignore[no-untyped-call]
         settle_dead_job(job.id, AttemptOutcome.LOST, f"work horse died (wait status {ret_val})")
+
+    def monitor_work_horse(self, job: Any, queue: Any, execution: Any) -> None:
+        super().monitor_work_horse(job, queue, execution)
+        if self._stopped_job_id == job.id:
+            # RQ skips its stopped-job handling when the job hash is gone (a flushed
+            # Redis): record the stop anyway (nothing happens if it was recorded).
+            settle_dead_job(job.id, AttemptOutcome.CANCELLED, STOPPED)
 
     def _handle_stopped_job(self, job: Any, queue: Any, execution: Any) -> None:
         # stop-job killed the horse outright: no finally ran there, so the parent records

@@ -251,3 +251,138 @@ def slow(ctx: Any) -> dict[str, Any]:
 
 for _racer in (quick, slow):
     _racer.compensate(lambda ctx: None)
+
+
+# --- engine hardening (issue 05) ---------------------------------------------------------
+
+stalled = Saga("redrive-dag", lock_expiry_s=10)
+
+
+@stalled.step(
+    after=[],
+    retry=RetryPolicy(
+        max_retries=1, backoff="constant", base_delay_ms=300, on_exhausted="dead_letter"
+    ),
+)
+def parks(ctx: Any) -> dict[str, Any]:
+    """Fails its first two attempts (parking the task); a redrive's attempt succeeds."""
+    if ctx.attempt <= 2:
+        raise RuntimeError(f"parks: attempt {ctx.attempt} fails")
+    return {"parked": False}
+
+
+quotes_side = stalled.parallel("side", mode="all_settled", after=[])
+
+
+@quotes_side.branch
+def side_ok(ctx: Any) -> dict[str, Any]:
+    return {"side": "ok"}
+
+
+@quotes_side.branch(retry=RetryPolicy(max_retries=0))
+def side_broken(ctx: Any) -> None:
+    raise RuntimeError("side_broken always fails (all_settled lets it)")
+
+
+@stalled.step(after=["parks", "side"])
+def wrap_up(ctx: Any) -> dict[str, Any]:
+    return {"done": True}
+
+
+rollout = Saga("branch-rollout", lock_expiry_s=10)
+fanned = rollout.parallel("fan", mode="all")
+
+
+@fanned.branch
+def known(ctx: Any) -> dict[str, Any]:
+    return {"known": True}
+
+
+@fanned.branch
+def shipped_later(ctx: Any) -> dict[str, Any]:
+    """The branch a rolling deploy adds: old workers do not have it."""
+    return {"new": True}
+
+
+settling = Saga("settling", cancellable=True, lock_expiry_s=10)
+
+
+@settling.step
+def book_slowly(ctx: Any) -> dict[str, Any]:
+    """Books something in 1.5 s and never looks at ctx.cancelled: its success stands."""
+    import time
+
+    time.sleep(1.5)
+    return {"booking": f"B-{ctx.task_id}"}
+
+
+@book_slowly.compensate
+def unbook_slowly(ctx: Any) -> None:
+    return None
+
+
+watchful = Saga("watchful", lock_expiry_s=3)
+
+
+@watchful.step(retry=RetryPolicy(max_retries=0))
+def watch_for_stop(ctx: Any) -> None:
+    """Works until ctx.cancelled says stop, and notes (in Redis) when it first did."""
+    import time
+
+    from sagas.engine.connection import redis
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ctx.cancelled:
+            redis().set(f"test:saw-stop:{ctx.task_id}", str(time.time()), ex=600)
+            ctx.raise_if_cancelled()
+        time.sleep(0.05)
+
+
+tripwire = Saga("tripwire", cancellable=True, lock_expiry_s=10)
+
+
+@tripwire.step(breaker=CircuitBreakerPolicy("tripwire", failure_threshold=1, open_seconds=60))
+def call_fragile_service(ctx: Any) -> None:
+    _work(ctx, 5000)
+
+
+occupier = Saga("occupier", lock_expiry_s=10)
+
+
+@occupier.step
+def occupy(ctx: Any) -> None:
+    """Keeps a worker busy for the number of milliseconds in the input."""
+    import time
+
+    time.sleep(ctx.input.get("ms", 3000) / 1000)
+
+
+from_start = Saga("quotes-from-start", lock_expiry_s=10)
+timed_quotes = from_start.parallel("quotes", mode="all", timeout_s=4)
+
+
+@timed_quotes.branch(retry=RetryPolicy(max_retries=0))
+def quote_a(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 1000)
+    return {"quote": "a"}
+
+
+@timed_quotes.branch(retry=RetryPolicy(max_retries=0))
+def quote_b(ctx: Any) -> dict[str, Any]:
+    _work(ctx, 1000)
+    return {"quote": "b"}
+
+
+capped = Saga("quotes-capped", lock_expiry_s=10)
+capped_quotes = capped.parallel("quotes", mode="all", timeout_s=10, schedule_to_close_s=2)
+
+
+@capped_quotes.branch(retry=RetryPolicy(max_retries=0))
+def capped_a(ctx: Any) -> dict[str, Any]:
+    return {"quote": "a"}
+
+
+@capped_quotes.branch(retry=RetryPolicy(max_retries=0))
+def capped_b(ctx: Any) -> dict[str, Any]:
+    return {"quote": "b"}

@@ -20,7 +20,15 @@ from sagas.states import (
 # Written out independently of sagas/states.py on purpose: a change to the table must be
 # a change here too.
 TASK_ALLOWED = {
-    "pending": {"running", "waiting_retry", "cancelled", "cancelling", "dead_lettered"},
+    "pending": {
+        "running",
+        "waiting_retry",
+        "compensating",
+        "failed",
+        "cancelled",
+        "cancelling",
+        "dead_lettered",
+    },
     "running": {
         "waiting_retry",
         "completed",

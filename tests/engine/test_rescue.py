@@ -1,0 +1,262 @@
+"""Redrive, the reaper's rescue of tasks left behind, and its liveness judgement (in-process
+SimpleWorker, works on SQLite too)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db.models.functions import Now
+
+from sagas.definitions import registry
+from sagas.engine.connection import queue, redis
+from sagas.engine.executor import Outcome, run_step, settle_attempt
+from sagas.engine.locks import TaskLock
+from sagas.engine.reaper import reap
+from sagas.engine.worker import SagaSimpleWorker
+from sagas.models import AuditEntry, StepAttempt, StepRecord
+from sagas.services import cancel, redrive, start
+from sagas.states import AttemptOutcome, StepStatus, TaskStatus
+from sagas.transitions import transition, transition_step
+from tests.engine.conftest import (
+    hold_reaper,
+    move_due_scheduled_jobs,
+    reaper_watching,
+    run_to_end,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def statuses(task):
+    return dict(task.steps.values_list("name", "status"))
+
+
+def run_one_job() -> None:
+    hold_reaper()
+    move_due_scheduled_jobs()
+    SagaSimpleWorker([queue()], connection=redis()).work(burst=True, max_jobs=1)
+
+
+def forget_all_jobs() -> None:
+    """What a flushed or failed-over Redis leaves: no queued and no scheduled job."""
+    queue().empty()
+    scheduled = queue().scheduled_job_registry
+    for jid in scheduled.get_job_ids():
+        scheduled.remove(jid, delete_job=True)
+
+
+# --- redrive ---------------------------------------------------------------------------------
+
+
+def test_redrive_retries_the_step_that_parked_the_task_not_the_last_failed_one(operator):
+    task, _ = start("redrive-dag", {})
+    task = run_to_end(task)
+    # side_broken failed (all_settled lets it), then parks ran out of retries: parked.
+    assert task.status == "dead_lettered"
+    assert statuses(task)["side_broken"] == "failed"
+    assert statuses(task)["parks"] == "failed"
+
+    redrive(task.pk, operator, "the service parks calls is back")
+    task = run_to_end(task)
+    assert task.status == "completed"
+    parks = task.steps.get(name="parks")
+    assert (parks.status, parks.attempt_count) == ("succeeded", 3)
+    broken = task.steps.get(name="side_broken")
+    assert (broken.status, broken.attempt_count) == ("failed", 1)  # not redriven
+    entry = AuditEntry.objects.get(task=task, action="redriven")
+    assert entry.details["steps"] == ["parks"]
+
+
+def test_a_branch_parked_because_its_code_was_missing_is_redriven_into_its_group(
+    operator, monkeypatch, settings
+):
+    settings.SAGAS_CODE_REQUEUES = 0  # no worker has it: park at once
+    saga = registry.get("branch-rollout")
+    original = saga.get_step
+    monkeypatch.setattr(
+        saga, "get_step", lambda name: None if name == "shipped_later" else original(name)
+    )
+    task, _ = start("branch-rollout", {})
+    task = run_to_end(task)
+    assert task.status == "dead_lettered"
+    assert "no longer exists" in task.steps.get(name="shipped_later").error
+    assert statuses(task)["fan"] == "running"  # waits for its branch, does not decide
+
+    monkeypatch.undo()  # the code is deployed everywhere now
+    redrive(task.pk, operator, "deployed the new branch")
+    task = run_to_end(task)
+    assert task.status == "completed"
+    fan = task.steps.get(name="fan")
+    assert fan.status == "succeeded"
+    assert fan.data == {"known": {"known": True}, "shipped_later": {"new": True}}
+
+
+# --- the reaper: work left behind, whatever the step fields say -------------------------------
+
+
+def test_the_reaper_finds_a_task_with_work_to_do_and_no_job_whatever_its_steps_say(settings):
+    settings.SAGAS_REAPER_GRACE = 0
+    task, _ = start("chaos", {})
+    forget_all_jobs()
+    StepRecord.objects.filter(task=task).update(job_id="")  # no trace of a job anywhere
+    report = reap(force=True)
+    assert report is not None
+    assert [j for j in report.requeued_jobs if "-reserve-a1" in j]
+    assert run_to_end(task).status == "completed"
+
+
+def test_a_late_lock_requeue_cannot_hide_the_compensation_job_from_the_reaper(settings):
+    settings.SAGAS_REAPER_GRACE = 0
+    task, _ = start("chaos", {})
+    run_one_job()  # reserve succeeds
+    assert cancel(task.pk).status == "cancelling"  # its compensation is queued
+    reserve = task.steps.get(name="reserve")
+    compensation_job = reserve.job_id
+    assert "-reserve-c1" in compensation_job
+
+    squatter = TaskLock(redis(), task.pk, expiry_s=60)
+    assert squatter.acquire()
+    run_step(str(task.pk), "reserve", "action", 1)  # a late duplicate of reserve's action
+    reserve.refresh_from_db()
+    assert reserve.job_id == compensation_job  # not overwritten by the late action's re-queue
+
+    forget_all_jobs()  # ... and then Redis loses the compensation's job
+    squatter.release()
+    report = reap(force=True)
+    assert report is not None
+    assert [j for j in report.requeued_jobs if "-reserve-c1-r" in j]
+    task = run_to_end(task)
+    assert task.status == "cancelled"
+    assert statuses(task)["reserve"] == "compensated"
+
+
+def start_branches(task, names):
+    """Branches of a started group running, each with an attempt row (as a worker would)."""
+    attempts = {}
+    transition(task, TaskStatus.RUNNING)
+    for step in task.steps.filter(name__in=names):
+        assert transition_step(step, StepStatus.RUNNING, fields={"attempt_count": 1})
+        attempts[step.name] = StepAttempt.objects.create(
+            step=step, kind="action", number=1, lock_token="t", worker="w"
+        )
+    return attempts
+
+
+def test_the_reaper_rebuilds_a_late_branchs_lost_compensation_job(settings):
+    settings.SAGAS_REAPER_GRACE = 0
+    task, _ = start("first-hotel", {})
+    forget_all_jobs()
+    attempts = start_branches(task, ["fast_hotel", "stubborn_hotel"])
+    ok = Outcome(AttemptOutcome.SUCCEEDED, data={"hotel": "x"})
+    assert settle_attempt(attempts["fast_hotel"].pk, ok)  # the group decides: fast wins
+    assert settle_attempt(attempts["stubborn_hotel"].pk, ok)  # a late success: undo it alone
+    stubborn = task.steps.get(name="stubborn_hotel")
+    assert stubborn.compensate_alone and "-stubborn_hotel-c1" in stubborn.job_id
+
+    forget_all_jobs()  # the late branch's compensation job is lost
+    report = reap(force=True)
+    assert report is not None
+    assert [j for j in report.requeued_jobs if "-stubborn_hotel-c1-r" in j]
+    task = run_to_end(task)
+    assert task.status == "completed"
+    assert statuses(task)["stubborn_hotel"] == "compensated"
+
+
+def test_a_deadline_never_cancels_a_parked_task(settings):
+    settings.SAGAS_REAPER_GRACE = 0
+    task, _ = start("deadline", {})  # deadline_s=2
+    forget_all_jobs()
+    assert transition(task, TaskStatus.RUNNING)
+    assert transition(task, TaskStatus.DEAD_LETTERED)  # parked for its operator
+    from sagas.engine.deadlines import enforce
+
+    assert enforce(str(task.pk)) == "parked"
+    reap(now=task.created_at + timedelta(seconds=10), force=True)
+    task.refresh_from_db()
+    assert task.status == "dead_lettered"
+    assert not AuditEntry.objects.filter(task=task, action="cancel_requested").exists()
+
+
+def test_an_unknown_worker_hands_a_compensation_back_instead_of_failing_it(monkeypatch, settings):
+    settings.SAGAS_CODE_REQUEUES = 2
+    task, _ = start("chaos", {})
+    run_one_job()  # reserve
+    run_one_job()  # charge
+    assert cancel(task.pk).status == "cancelling"  # charge's compensation is queued
+    saga = registry.get("chaos")
+    original = saga.get_step
+    monkeypatch.setattr(saga, "get_step", lambda n: None if n == "charge" else original(n))
+    run_step(str(task.pk), "charge", "compensation", 1)  # an old worker, without charge
+    assert statuses(task)["charge"] == "succeeded"  # not compensation_failed
+    entry = AuditEntry.objects.get(task=task, action="code_missing")
+    assert entry.details["kind"] == "compensation"
+    monkeypatch.undo()
+    task = run_to_end(task)
+    assert task.status == "cancelled"
+    assert statuses(task)["charge"] == "compensated"
+
+
+# --- liveness: lost, or not yet --------------------------------------------------------------
+
+
+def silent_attempt(saga: str, silent_for: timedelta) -> StepAttempt:
+    """A running attempt whose last heartbeat was ``silent_for`` ago."""
+    task, _ = start(saga, {})
+    forget_all_jobs()
+    step = task.steps.order_by("index").first()
+    assert step is not None
+    transition(task, TaskStatus.RUNNING)
+    transition_step(step, StepStatus.RUNNING, fields={"attempt_count": 1})
+    lease = timedelta(seconds=registry.get(saga).lock_expiry_s)
+    return StepAttempt.objects.create(
+        step=step,
+        kind="action",
+        number=1,
+        lock_token="t",
+        worker="w",
+        heartbeat_at=Now() - silent_for,
+        heartbeat_expires_at=Now() - silent_for + lease,
+    )
+
+
+def test_a_long_lock_expiry_is_not_judged_by_the_shortest_in_the_registry():
+    assert registry.get("chaos").lock_expiry_s == 10  # the shortest
+    assert registry.get("shrinking").lock_expiry_s == 60
+    patient = silent_attempt("shrinking", timedelta(seconds=20))
+    reaper_watching()
+    report = reap(force=True)
+    assert report is not None and report.lost_attempts == []
+    patient.refresh_from_db()
+    assert patient.outcome == "running"
+
+
+def test_a_silent_attempt_is_lost_once_its_expiry_has_been_watched():
+    silent = silent_attempt("chaos", timedelta(seconds=60))
+    from sagas.engine.apply import database_now
+
+    start_at = database_now()
+    first = reap(now=start_at, force=True)  # no pass on record: the watch starts here
+    assert first is not None and (first.lost_attempts, first.waiting_for_watch) == ([], 1)
+    early = reap(now=start_at + timedelta(seconds=6), force=True)
+    assert early is not None and early.lost_attempts == []
+    watched = reap(now=start_at + timedelta(seconds=11), force=True)
+    assert watched is not None and watched.lost_attempts == [silent.pk]
+    silent.refresh_from_db()
+    assert silent.outcome == "lost"
+
+
+def test_after_a_gap_longer_than_the_expiry_the_watch_starts_again():
+    silent = silent_attempt("chaos", timedelta(seconds=60))
+    from sagas.engine.apply import database_now
+
+    start_at = database_now()
+    reap(now=start_at, force=True)
+    # No pass for 25 s (an outage, or every worker busy): heartbeats may be stale for
+    # that reason alone.
+    after_gap = reap(now=start_at + timedelta(seconds=25), force=True)
+    assert after_gap is not None and after_gap.lost_attempts == []
+    later = reap(now=start_at + timedelta(seconds=31), force=True)
+    assert later is not None and later.lost_attempts == []
+    watched = reap(now=start_at + timedelta(seconds=36), force=True)
+    assert watched is not None and watched.lost_attempts == [silent.pk]
