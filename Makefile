@@ -26,6 +26,7 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	DJANGO_DEBUG=1 $(VENV)/bin/mypy .
 
 # Production-like settings; any deploy warning fails. HSTS preload is an opt-in commitment

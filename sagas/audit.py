@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections, transaction
-from django.db.models import TextChoices
+
+from sagas.states import AuditAction
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -15,36 +16,11 @@ if TYPE_CHECKING:
 
     from sagas.models import AuditEntry, StepRecord, TaskInstance
 
+__all__ = ["AuditAction", "actor_name", "record", "rewrite_allowed"]
+
 SYSTEM_ACTOR = "system"
 # Postgres session setting the append-only trigger checks (see migration 0002).
 REWRITE_SETTING = "sagas.allow_audit_rewrite"
-
-
-class AuditAction(TextChoices):
-    STARTED = "started"
-    TRANSITION = "transition"
-    STEP_STARTED = "step_started"
-    STEP_SUCCEEDED = "step_succeeded"
-    STEP_FAILED = "step_failed"
-    RETRY_SCHEDULED = "retry_scheduled"
-    BREAKER_OPEN = "breaker_open"
-    DUPLICATE_DELIVERY = "duplicate_delivery"
-    LOCK_BUSY = "lock_busy"
-    CODE_MISSING = "code_missing"
-    ATTEMPT_LOST = "attempt_lost"
-    COMPENSATION_STARTED = "compensation_started"
-    STEP_COMPENSATED = "step_compensated"
-    COMPENSATION_FAILED = "compensation_failed"
-    CANCEL_REQUESTED = "cancel_requested"
-    CANCELLED = "cancelled"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    COMPENSATED = "compensated"
-    DEAD_LETTERED = "dead_lettered"
-    RESOLVED = "resolved"
-    REDRIVEN = "redriven"
-    COMPENSATION_RETRIED = "compensation_retried"
-    ORPHAN_DELETED = "orphan_deleted"
 
 
 def actor_name(actor: AbstractBaseUser | AnonymousUser | None) -> str:

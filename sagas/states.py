@@ -136,3 +136,32 @@ def can_transition_task(current: str, target: str) -> bool:
 def can_transition_step(current: str, target: str) -> bool:
     """Whether the step table allows ``current -> target``."""
     return StepStatus(target) in STEP_TRANSITIONS[StepStatus(current)]
+
+
+class AuditAction(TextChoices):
+    """What an audit entry records (``AuditEntry.action``)."""
+
+    STARTED = "started"
+    TRANSITION = "transition"
+    STEP_STARTED = "step_started"
+    STEP_SUCCEEDED = "step_succeeded"
+    STEP_FAILED = "step_failed"
+    RETRY_SCHEDULED = "retry_scheduled"
+    BREAKER_OPEN = "breaker_open"
+    DUPLICATE_DELIVERY = "duplicate_delivery"
+    LOCK_BUSY = "lock_busy"
+    CODE_MISSING = "code_missing"
+    ATTEMPT_LOST = "attempt_lost"
+    COMPENSATION_STARTED = "compensation_started"
+    STEP_COMPENSATED = "step_compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    CANCEL_REQUESTED = "cancel_requested"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COMPENSATED = "compensated"
+    DEAD_LETTERED = "dead_lettered"
+    RESOLVED = "resolved"
+    REDRIVEN = "redriven"
+    COMPENSATION_RETRIED = "compensation_retried"
+    ORPHAN_DELETED = "orphan_deleted"

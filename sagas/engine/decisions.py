@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sagas.audit import AuditAction
 from sagas.definitions import RetryPolicy, StepDefinition
 from sagas.engine import joins
 from sagas.engine.plan import FORWARD, UNDOING, Plan, StepRow
@@ -20,6 +19,7 @@ from sagas.engine.retry import backoff_delay_ms, can_retry
 from sagas.states import (
     AttemptKind,
     AttemptOutcome,
+    AuditAction,
     CompensationReason,
     StepStatus,
     TaskStatus,

@@ -35,7 +35,6 @@ from django.db.models.functions import Now
 from redis.exceptions import RedisError
 from rq import get_current_job
 
-from sagas.audit import AuditAction
 from sagas.definitions import Saga, StepDefinition, UnknownSaga, registry
 from sagas.engine import apply, decisions, horse
 from sagas.engine.apply import Loaded
@@ -50,7 +49,7 @@ from sagas.engine.plan import Plan, StepRow
 from sagas.engine.stopping import AttemptAddress, signal_attempt
 from sagas.engine.timeouts import StepTimedOut, exceeded, step_deadline
 from sagas.models import StepAttempt, TaskInstance
-from sagas.states import AttemptKind, AttemptOutcome, StepStatus
+from sagas.states import AttemptKind, AttemptOutcome, AuditAction, StepStatus
 
 logger = logging.getLogger("sagas.engine")
 Log = logging.LoggerAdapter[logging.Logger] | logging.Logger

@@ -34,7 +34,6 @@ from django.db.models.functions import Cast
 from redis.exceptions import RedisError
 
 from sagas import audit
-from sagas.audit import AuditAction
 from sagas.definitions import registry
 from sagas.engine import apply, dispatch, rescue
 from sagas.engine.apply import Loaded
@@ -45,7 +44,7 @@ from sagas.engine.locks import Lease
 from sagas.engine.plan import Plan, Schedule, StopAttempt
 from sagas.engine.requests import BY_DEADLINE
 from sagas.models import StepAttempt, TaskInstance
-from sagas.states import AttemptOutcome
+from sagas.states import AttemptOutcome, AuditAction
 
 logger = logging.getLogger("sagas.engine")
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sagas.audit import AuditAction
 from sagas.engine import decisions
 from sagas.engine.plan import Plan
-from sagas.states import AttemptKind, CompensationReason, StepStatus, TaskStatus
+from sagas.states import AttemptKind, AuditAction, CompensationReason, StepStatus, TaskStatus
 
 CANCELLABLE = (
     TaskStatus.PENDING,

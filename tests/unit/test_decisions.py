@@ -1,0 +1,592 @@
+"""The engine's decisions as pure functions of a task's rows: no database, no Redis, no clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from sagas.definitions import ParallelGroup, RetryPolicy, Saga
+from sagas.engine import decisions, joins, requests, rescue
+from sagas.engine.decisions import Outcome
+from sagas.engine.plan import (
+    AttemptRow,
+    Audit,
+    IllegalMove,
+    MoveTask,
+    Plan,
+    PromoteJob,
+    Schedule,
+    SignalAttempt,
+    SignalTask,
+    StepRow,
+    StopAttempt,
+    TaskRow,
+    is_job_for,
+    job_id,
+)
+from sagas.engine.reaper import Watch, watch_after
+from sagas.states import AttemptKind, StepStatus, TaskStatus
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+TIMING = rescue.Timing(
+    grace=timedelta(seconds=10),
+    cancel_grace=timedelta(seconds=10),
+    stuck_after=timedelta(minutes=15),
+)
+
+
+def noop(ctx: Any) -> None:
+    return None
+
+
+def linear() -> Saga:
+    saga = Saga("linear", cancellable=True, lock_expiry_s=10)
+    retry = RetryPolicy(max_retries=2, backoff="constant", base_delay_ms=500)
+    for name in ("one", "two", "three"):
+        saga.step(name=name, retry=retry)(noop).compensate(noop)
+    return saga
+
+
+def grouped(mode: str = "all", **group: Any) -> Saga:
+    saga = Saga("grouped", lock_expiry_s=10)
+    saga.step(name="first")(noop).compensate(noop)
+    fan = saga.parallel("fan", mode=mode, **group)
+    for name in ("left", "right"):
+        fan.branch(name=name, retry=RetryPolicy(max_retries=0))(noop).compensate(noop)
+    saga.step(name="last")(noop)
+    return saga
+
+
+def plan_for(saga: Saga, task_status: str = "running", **steps: dict[str, Any]) -> Plan:
+    """A plan over fresh rows for ``saga``; ``steps`` override fields per step name."""
+    levels, graph = saga.levels(), saga.dependencies()
+    rows: list[StepRow] = []
+
+    def row(name: str, **fields: Any) -> None:
+        rows.append(
+            StepRow(
+                pk=len(rows) + 1,
+                name=name,
+                index=len(rows),
+                status="pending",
+                level=levels[name],
+                **fields,
+            )
+        )
+
+    for node in saga.nodes:
+        if isinstance(node, ParallelGroup):
+            row(
+                node.name,
+                after=graph[node.name],
+                is_group=True,
+                group_mode=node.mode,
+                group_timeout_s=node.timeout_s,
+                group_schedule_to_close_s=node.schedule_to_close_s,
+            )
+            for branch in node.branches:
+                row(branch.name, group=node.name)
+        else:
+            row(node.name, after=graph[node.name])
+    for step in rows:
+        for field, value in steps.get(step.name, {}).items():
+            setattr(step, field, value)
+    task = TaskRow(pk="t1", saga=saga.name, status=task_status)
+    return Plan(task, rows, NOW, saga, rand=lambda: 0.5)
+
+
+def of(plan: Plan, kind: type) -> list[Any]:
+    return [e for e in plan.effects if isinstance(e, kind)]
+
+
+def scheduled(plan: Plan) -> list[tuple[str, str, int]]:
+    return [(e.step, e.kind, e.attempt) for e in of(plan, Schedule)]
+
+
+def task_moves(plan: Plan) -> list[str]:
+    return [e.to for e in of(plan, MoveTask)]
+
+
+def running(number: int = 1, kind: str = "action", **fields: Any) -> list[AttemptRow]:
+    return [AttemptRow(pk=number, kind=kind, number=number, **fields)]
+
+
+# --- job ids ---------------------------------------------------------------------------------
+
+
+def test_a_job_id_names_exactly_one_attempt_and_its_requeues():
+    jid = job_id("t1", "charge", AttemptKind.COMPENSATION, 3, "l2")
+    assert jid == "saga-t1-charge-c3-l2"
+    assert is_job_for(jid, "t1", "charge", AttemptKind.COMPENSATION, 3)
+    assert not is_job_for(jid, "t1", "charge", AttemptKind.COMPENSATION, 33)
+    assert not is_job_for(jid, "t1", "charge", AttemptKind.ACTION, 3)
+    assert not is_job_for("saga-t1-charge-c30", "t1", "charge", AttemptKind.COMPENSATION, 3)
+
+
+# --- the forward path ------------------------------------------------------------------------
+
+
+def test_a_new_task_queues_its_first_step_only():
+    plan = plan_for(linear(), "pending")
+    decisions.advance(plan)
+    assert scheduled(plan) == [("one", "action", 1)]
+    assert task_moves(plan) == []
+    decisions.advance(plan)  # again: the job is already handed out
+    assert scheduled(plan) == [("one", "action", 1)]
+
+
+def test_the_last_success_completes_the_task():
+    done = {"status": "succeeded"}
+    plan = plan_for(linear(), "waiting_retry", one=done, two=done, three=done)
+    decisions.advance(plan)
+    assert task_moves(plan) == ["running", "completed"]
+    assert plan.task.status == TaskStatus.COMPLETED
+
+
+def test_a_failed_attempt_within_its_budget_waits_for_a_scheduled_retry():
+    plan = plan_for(linear(), one={"status": "running", "attempt_count": 1})
+    decisions.action_ended(plan, plan.step("one"), Outcome("failed", error="boom"))
+    step = plan.step("one")
+    assert step.status == StepStatus.WAITING_RETRY
+    assert step.next_attempt_at == NOW + timedelta(milliseconds=500)
+    assert [(e.step, e.attempt, e.at) for e in of(plan, Schedule)] == [
+        ("one", 2, NOW + timedelta(milliseconds=500))
+    ]
+    assert task_moves(plan) == ["waiting_retry"]  # nothing else runs
+    assert [e.action for e in of(plan, Audit)] == ["retry_scheduled"]
+
+
+def test_an_exhausted_dead_letter_step_parks_the_task_naming_the_step():
+    policy = RetryPolicy(max_retries=0, on_exhausted="dead_letter")
+    saga = Saga("parking")
+    saga.step(name="only", retry=policy)(noop)
+    plan = plan_for(saga, only={"status": "running", "attempt_count": 1})
+    decisions.action_ended(plan, plan.step("only"), Outcome("failed", error="no"))
+    moves = of(plan, MoveTask)
+    assert [m.to for m in moves] == ["dead_lettered"]
+    assert moves[0].details == {"error": "only: no", "steps": ["only"]}
+
+
+def test_exhaustion_policies_fail_or_compensate():
+    for on_exhausted, expected in (("fail", ["failed"]), ("compensate", ["compensating"])):
+        saga = Saga(f"p-{on_exhausted}")
+        saga.step(name="a")(noop).compensate(noop)
+        saga.step(name="b", retry=RetryPolicy(max_retries=0, on_exhausted=on_exhausted))(noop)
+        plan = plan_for(
+            saga, a={"status": "succeeded"}, b={"status": "running", "attempt_count": 1}
+        )
+        decisions.action_ended(plan, plan.step("b"), Outcome("failed", error="x"))
+        assert task_moves(plan)[: len(expected)] == expected
+
+
+def test_a_missing_definition_parks_an_action_and_fails_a_compensation():
+    plan = plan_for(linear(), one={"status": "running"})
+    plan.saga = None
+    decisions.action_ended(plan, plan.step("one"), Outcome("succeeded"))
+    assert plan.step("one").status == StepStatus.FAILED
+    assert task_moves(plan) == ["dead_lettered"]
+
+    plan = plan_for(linear(), "cancelling", one={"status": "succeeded"})
+    plan.saga = None
+    decisions.code_missing_for_good(plan, plan.step("one"), AttemptKind.COMPENSATION)
+    assert plan.step("one").status == StepStatus.COMPENSATION_FAILED
+    assert task_moves(plan) == ["compensation_failed"]
+
+
+def test_illegal_moves_are_refused_in_the_plan():
+    plan = plan_for(linear(), "completed")
+    with pytest.raises(IllegalMove):
+        plan.move_task(TaskStatus.RUNNING, "transition")
+    with pytest.raises(IllegalMove):
+        plan.move_step(plan.step("one"), StepStatus.COMPENSATED)
+
+
+# --- admission and stops ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task_status", "step", "kind", "attempt", "verdict"),
+    [
+        ("running", {"status": "pending"}, "action", 1, ""),
+        ("running", {"status": "pending", "attempt_count": 1}, "action", 1, "duplicate"),
+        ("running", {"status": "waiting_retry", "attempt_count": 1}, "action", 3, "stale"),
+        ("cancelling", {"status": "pending"}, "action", 1, "stale"),
+        ("cancelling", {"status": "succeeded"}, "compensation", 1, ""),
+        ("running", {"status": "succeeded"}, "compensation", 1, "stale"),
+        ("completed", {"status": "succeeded", "compensate_alone": True}, "compensation", 1, ""),
+    ],
+)
+def test_admission(task_status, step, kind, attempt, verdict):
+    plan = plan_for(linear(), task_status, one=step)
+    assert decisions.admissible(plan, plan.step("one"), kind, attempt).startswith(verdict)
+    assert bool(verdict) == bool(decisions.admissible(plan, plan.step("one"), kind, attempt))
+
+
+def test_a_stop_nobody_asked_for_is_a_failure_and_a_cancel_is_a_cancel():
+    stopped = Outcome("cancelled", error="step stopped by RQ's stop-job")
+    plan = plan_for(linear(), one={"status": "running"})
+    outside = decisions.classify(plan, plan.step("one"), AttemptKind.ACTION, stopped)
+    assert outside.status == "failed"
+    assert outside.error.startswith(decisions.STOPPED_FROM_OUTSIDE)
+    cancelling = plan_for(linear(), "cancelling", one={"status": "running"})
+    kept = decisions.classify(cancelling, cancelling.step("one"), AttemptKind.ACTION, stopped)
+    assert kept == stopped
+    undo = decisions.classify(cancelling, cancelling.step("one"), AttemptKind.COMPENSATION, stopped)
+    assert undo.status == "failed"  # nothing stops an undo on purpose
+    ok = Outcome("succeeded")
+    assert decisions.classify(plan, plan.step("one"), AttemptKind.ACTION, ok) is ok
+
+
+def test_a_branch_its_group_no_longer_needs_is_cancelled_not_failed():
+    plan = plan_for(grouped(), fan={"status": "succeeded"}, left={"status": "running"})
+    stopped = Outcome("cancelled")
+    assert decisions.classify(plan, plan.step("left"), AttemptKind.ACTION, stopped) == stopped
+    still_needed = plan_for(grouped(), fan={"status": "running"}, left={"status": "running"})
+    verdict = decisions.classify(still_needed, still_needed.step("left"), "action", stopped)
+    assert verdict.status == "failed"
+
+
+# --- groups ----------------------------------------------------------------------------------
+
+
+def test_a_groups_timeout_starts_with_its_first_branch_and_its_cap_with_the_group():
+    plan = plan_for(grouped(timeout_s=4, schedule_to_close_s=30), first={"status": "succeeded"})
+    decisions.advance(plan)
+    fan = plan.step("fan")
+    assert (fan.status, fan.deadline_at) == (StepStatus.RUNNING, None)
+    assert fan.schedule_deadline_at == NOW + timedelta(seconds=30)
+    assert scheduled(plan) == [("left", "action", 1), ("right", "action", 1)]
+    plan.now = NOW + timedelta(seconds=20)  # the first branch starts after 20 s in the queue
+    decisions.start_attempt(plan, plan.step("left"), AttemptKind.ACTION, 1)
+    assert fan.deadline_at == NOW + timedelta(seconds=24)
+    plan.now = NOW + timedelta(seconds=21)
+    decisions.start_attempt(plan, plan.step("right"), AttemptKind.ACTION, 1)
+    assert fan.deadline_at == NOW + timedelta(seconds=24)  # not moved by later branches
+    assert joins.deadline(fan) == NOW + timedelta(seconds=24)
+    assert decisions.group_deadline(plan, plan.step("left")) == NOW + timedelta(seconds=24)
+
+
+def test_a_branch_that_cannot_start_before_the_deadline_times_out_without_an_attempt():
+    fan = {"status": "running", "schedule_deadline_at": NOW - timedelta(seconds=1)}
+    plan = plan_for(grouped(), first={"status": "succeeded"}, fan=fan)
+    assert decisions.group_expired(plan, plan.step("left"))
+    decisions.give_up_before_start(plan, plan.step("left"), "too late")
+    assert plan.step("left").error.startswith("timed out")
+    assert plan.step("fan").status == StepStatus.FAILED  # an "all" group fails with it
+    assert plan.step("right").status == StepStatus.SKIPPED
+    assert task_moves(plan) == ["compensating"]
+
+
+def test_a_parked_task_joins_nothing():
+    plan = plan_for(
+        grouped(),
+        "dead_lettered",
+        first={"status": "succeeded"},
+        fan={"status": "running"},
+        left={"status": "running"},
+        right={"status": "failed"},
+    )
+    decisions.action_ended(plan, plan.step("left"), Outcome("succeeded", data={"l": 1}))
+    assert plan.step("left").status == StepStatus.SUCCEEDED
+    assert plan.step("fan").status == StepStatus.RUNNING
+    assert task_moves(plan) == []
+
+
+def test_a_late_branch_success_is_undone_on_its_own():
+    plan = plan_for(
+        grouped("any"),
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "running"},
+    )
+    decisions.action_ended(plan, plan.step("right"), Outcome("succeeded"))
+    assert plan.step("right").compensate_alone
+    assert scheduled(plan) == [("right", "compensation", 1)]
+    assert task_moves(plan) == []  # not completed while its late work is undone
+
+
+def test_the_winner_stops_its_siblings():
+    plan = plan_for(
+        grouped("any"),
+        first={"status": "succeeded"},
+        fan={"status": "running"},
+        left={"status": "running", "running": running()},
+        right={"status": "running", "running": running(2)},
+    )
+    decisions.action_ended(plan, plan.step("left"), Outcome("succeeded"))
+    assert [(e.step, e.number) for e in of(plan, SignalAttempt)] == [("right", 2)]
+    assert plan.step("fan").status == StepStatus.SUCCEEDED
+
+
+# --- the undo path ---------------------------------------------------------------------------
+
+
+def test_compensation_walks_levels_backwards_and_waits_for_running_steps():
+    plan = plan_for(
+        grouped(),
+        "compensating",
+        first={"status": "succeeded"},
+        fan={"status": "failed"},
+        left={"status": "succeeded"},
+        right={"status": "running"},
+    )
+    decisions.compensate_next(plan)
+    assert scheduled(plan) == []  # right still runs
+    plan.step("right").status = StepStatus.FAILED
+    decisions.compensate_next(plan)
+    assert scheduled(plan) == [("left", "compensation", 1)]  # level 1 before level 0
+    assert [s.name for s in decisions.compensation_level(plan)] == ["left"]
+
+
+def test_the_last_undo_ends_the_task_as_its_reason_says():
+    for reason, end in (("cancel", "cancelled"), ("failure", "compensated")):
+        status = "cancelling" if reason == "cancel" else "compensating"
+        plan = plan_for(linear(), status, one={"status": "compensated"})
+        plan.task.compensation_reason = reason
+        decisions.compensate_next(plan)
+        assert task_moves(plan) == [end]
+
+
+def test_a_failed_compensation_retries_then_fails_for_good_and_the_undo_goes_on():
+    plan = plan_for(
+        linear(),
+        "compensating",
+        one={"status": "succeeded"},
+        two={"status": "compensating", "compensation_attempt_count": 1},
+    )
+    decisions.compensation_ended(plan, plan.step("two"), Outcome("failed", error="e"))
+    assert plan.step("two").next_attempt_at is not None
+    assert scheduled(plan) == [("two", "compensation", 2)]
+    plan = plan_for(
+        linear(),
+        "compensating",
+        one={"status": "succeeded"},
+        two={"status": "compensating", "compensation_attempt_count": 3},
+    )
+    decisions.compensation_ended(plan, plan.step("two"), Outcome("failed", error="e"))
+    assert plan.step("two").status == StepStatus.COMPENSATION_FAILED
+    assert scheduled(plan) == [("one", "compensation", 1)]
+
+
+# --- requests from outside -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "http"),
+    [
+        ("cancelling", "already_cancelled", 200),
+        ("cancelled", "already_cancelled", 200),
+        ("completed", "already_completed", 409),
+        ("compensating", "already_finished", 409),
+        ("resolved", "already_finished", 409),
+    ],
+)
+def test_cancel_answers_for_tasks_it_cannot_cancel(status, outcome, http):
+    plan = plan_for(linear(), status)
+    answer = requests.cancel(plan, None, "")
+    assert (answer.outcome, answer.http_status) == (outcome, http)
+    assert plan.effects == []
+
+
+def test_cancel_while_the_first_step_runs_is_cancelling_and_asks_it_to_stop():
+    plan = plan_for(linear(), one={"status": "running", "running": running()})
+    answer = requests.cancel(plan, None, "customer called")
+    assert (answer.outcome, answer.status, answer.http_status) == ("cancelled", "cancelling", 202)
+    assert of(plan, SignalTask)
+    assert scheduled(plan) == []  # the undo waits for the running step
+
+
+def test_cancel_with_nothing_started_ends_at_once():
+    plan = plan_for(linear(), "pending")
+    answer = requests.cancel(plan, None, "")
+    assert (answer.outcome, answer.status) == ("cancelled", "cancelled")
+    assert {s.status for s in plan.steps} == {StepStatus.SKIPPED}
+
+
+def test_a_deadline_spares_parked_tasks_and_tasks_whose_work_is_done():
+    parked = plan_for(linear(), "dead_lettered", one={"status": "failed"})
+    assert requests.cancel(parked, None, "", by="deadline").outcome == "parked"
+    assert parked.effects == []
+    winding = plan_for(
+        grouped("any"),
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "running"},
+        last={"status": "succeeded"},
+    )
+    assert requests.cancel(winding, None, "", by="deadline").outcome == "work_done"
+    assert requests.cancel(parked, None, "operator").outcome == "cancelled"
+
+
+def test_redrive_retries_the_steps_that_parked_the_task_with_a_fresh_budget():
+    plan = plan_for(
+        grouped(),
+        "dead_lettered",
+        first={"status": "succeeded"},
+        fan={"status": "running"},
+        left={"status": "failed", "attempt_count": 1},
+        right={"status": "succeeded"},
+    )
+    requests.redrive(plan, None, "fixed", ["left"])
+    left = plan.step("left")
+    assert (left.status, left.attempt_budget_base) == (StepStatus.PENDING, 1)
+    assert [(s, k, a) for s, k, a in scheduled(plan)] == [("left", "action", 2)]
+    assert task_moves(plan) == ["running"]
+    with pytest.raises(requests.NotAllowed):
+        requests.redrive(plan_for(linear(), "running"), None, "x", None)
+
+
+def test_redrive_without_a_record_falls_back_to_the_last_failed_critical_node():
+    plan = plan_for(
+        linear(),
+        "dead_lettered",
+        one={"status": "succeeded"},
+        two={"status": "failed", "attempt_count": 3},
+    )
+    requests.redrive(plan, None, "fixed", None)
+    assert scheduled(plan)[0] == ("two", "action", 4)
+
+
+def test_resolve_and_retry_compensation_need_a_parked_task():
+    plan = plan_for(
+        linear(),
+        "compensation_failed",
+        one={"status": "compensation_failed", "compensation_attempt_count": 3},
+    )
+    plan.task.compensation_reason = "cancel"
+    requests.retry_compensation(plan, None, "again")
+    assert task_moves(plan) == ["cancelling"]
+    assert plan.step("one").compensation_budget_base == 3
+    assert scheduled(plan) == [("one", "compensation", 4)]
+    with pytest.raises(requests.NotAllowed):
+        requests.resolve(plan_for(linear(), "running"), None, "note")
+    done = plan_for(linear(), "failed")
+    requests.resolve(done, None, "fixed by hand")
+    assert task_moves(done) == ["resolved"]
+
+
+# --- the reaper's view -----------------------------------------------------------------------
+
+
+def test_wake_time_follows_what_the_task_waits_for():
+    fresh = plan_for(linear(), "pending")
+    decisions.advance(fresh)
+    assert rescue.wake_time(fresh, TIMING) == NOW + TIMING.grace
+    busy = plan_for(linear(), one={"status": "running", "running": running()})
+    assert rescue.wake_time(busy, TIMING) is None  # its heartbeat speaks for it
+    later = NOW + timedelta(minutes=5)
+    waiting = plan_for(
+        linear(), "waiting_retry", one={"status": "waiting_retry", "next_attempt_at": later}
+    )
+    assert rescue.wake_time(waiting, TIMING) == later + TIMING.grace
+    for status in ("completed", "dead_lettered", "compensation_failed"):
+        assert rescue.wake_time(plan_for(linear(), status), TIMING) is None
+
+
+def test_wake_time_covers_stops_and_deadlines():
+    cancelling = plan_for(linear(), "cancelling", one={"status": "running", "running": running()})
+    cancelling.task.cancel_requested_at = NOW
+    assert rescue.wake_time(cancelling, TIMING) == NOW + TIMING.cancel_grace + TIMING.grace
+    deadline = NOW + timedelta(hours=1)
+    busy = plan_for(linear(), one={"status": "running", "running": running()})
+    busy.task.deadline_at = deadline
+    assert rescue.wake_time(busy, TIMING) == deadline
+    idle = plan_for(linear(), one={"status": "succeeded"})
+    assert rescue.wake_time(idle, TIMING) == NOW + TIMING.grace  # nothing runs or waits
+
+
+def test_the_rescue_reenqueues_lost_jobs_and_leaves_live_ones_alone():
+    plan = plan_for(linear(), one={"status": "pending", "job_id": "saga-t1-one-a1"})
+    assert rescue.jobs_to_check(plan) == ["saga-t1-one-a1"]
+    assert not rescue.needs_rescue(plan, {"saga-t1-one-a1": rescue.ALIVE}, TIMING)
+    assert rescue.needs_rescue(plan, {}, TIMING)
+    rescue.rescue(plan, {}, TIMING)
+    assert [e.job_id for e in of(plan, Schedule)] == [f"saga-t1-one-a1-r{int(NOW.timestamp())}"]
+
+
+def test_the_rescue_promotes_a_scheduled_job_only_once_it_is_overdue():
+    due = NOW - timedelta(seconds=30)
+    jid = "saga-t1-one-a2"
+    plan = plan_for(
+        linear(),
+        "waiting_retry",
+        one={"status": "waiting_retry", "attempt_count": 1, "next_attempt_at": due, "job_id": jid},
+    )
+    rescue.rescue(plan, {jid: rescue.STUCK_SCHEDULED}, TIMING)
+    assert [e.job_id for e in of(plan, PromoteJob)] == [jid]
+    soon = plan_for(
+        linear(),
+        "waiting_retry",
+        one={
+            "status": "waiting_retry",
+            "attempt_count": 1,
+            "next_attempt_at": NOW - timedelta(seconds=2),
+            "job_id": jid,
+        },
+    )
+    rescue.rescue(soon, {jid: rescue.STUCK_SCHEDULED}, TIMING)
+    assert soon.effects == []
+
+
+def test_the_rescue_stops_an_action_that_ignored_its_cancel():
+    attempt = running(worker="w1", job_id="saga-t1-one-a1")
+    plan = plan_for(linear(), "cancelling", one={"status": "running", "running": attempt})
+    plan.task.cancel_requested_at = NOW - timedelta(seconds=19)
+    rescue.rescue(plan, {}, TIMING)
+    assert plan.effects == []  # not a full grace yet
+    plan.task.cancel_requested_at = NOW - timedelta(seconds=21)
+    rescue.rescue(plan, {}, TIMING)
+    assert of(plan, SignalTask)
+    assert [(e.worker, e.job_id) for e in of(plan, StopAttempt)] == [("w1", "saga-t1-one-a1")]
+
+
+def test_the_rescue_enforces_a_missed_deadline():
+    plan = plan_for(
+        linear(), one={"status": "succeeded"}, two={"status": "running", "running": running()}
+    )
+    plan.task.deadline_at = NOW - timedelta(seconds=1)
+    rescue.rescue(plan, {}, TIMING)
+    assert task_moves(plan) == ["cancelling"]
+
+
+def test_stuck_is_the_one_definition():
+    old = NOW - timedelta(minutes=20)
+    idle = plan_for(linear(), one={"status": "succeeded"})
+    idle.task.updated_at = old
+    assert rescue.stuck(idle, {}, TIMING)
+    idle.task.updated_at = NOW - timedelta(minutes=5)
+    assert not rescue.stuck(idle, {}, TIMING)  # changed recently
+    queued = plan_for(
+        linear(), one={"status": "succeeded"}, two={"status": "pending", "job_id": "saga-t1-two-a1"}
+    )
+    queued.task.updated_at = old
+    assert not rescue.stuck(queued, {"saga-t1-two-a1": rescue.ALIVE}, TIMING)
+    assert rescue.stuck(queued, {}, TIMING)
+    fresh = AttemptRow(1, "action", 1, heartbeat_expires_at=NOW + timedelta(seconds=5))
+    beating = plan_for(linear(), one={"status": "running", "running": [fresh]})
+    beating.task.updated_at = old
+    assert not rescue.stuck(beating, {}, TIMING)
+    fresh.heartbeat_expires_at = NOW - timedelta(seconds=5)
+    assert rescue.stuck(beating, {}, TIMING)
+    assert not rescue.stuck(plan_for(linear(), "dead_lettered"), {}, TIMING)
+
+
+# --- the watch -------------------------------------------------------------------------------
+
+
+def test_the_watch_starts_with_the_first_pass_and_again_after_a_gap():
+    first = watch_after({}, 100.0, {10, 60})
+    assert first == {"last": 100.0, "since:10": 100.0, "since:60": 100.0}
+    steady = watch_after(first, 108.0, {10, 60})
+    assert (steady["since:10"], steady["since:60"]) == (100.0, 100.0)
+    gap = watch_after(steady, 130.0, {10, 60})  # 22 s without a pass
+    assert (gap["since:10"], gap["since:60"]) == (130.0, 100.0)
+    watch = Watch(now=141.0, since={10: 130.0, 60: 100.0})
+    assert watch.observed(10)
+    assert not watch.observed(60)
+    assert not Watch(now=139.0, since={10: 130.0}).observed(10)
+    assert not Watch(now=1000.0, since={}).observed(10)  # never watched: never lost
