@@ -163,7 +163,8 @@ class StepRecord(models.Model):
     compensation_budget_base = models.PositiveIntegerField(default=0)
 
     class Meta:
-        ordering = ["task", "index"]
+        # By the column, not by "task": that would join the tasks table to order by theirs.
+        ordering = ["task_id", "index"]
         constraints = [
             models.UniqueConstraint(fields=["task", "index"], name="step_index_unique"),
             models.UniqueConstraint(fields=["task", "name"], name="step_name_unique"),
@@ -203,7 +204,7 @@ class StepAttempt(models.Model):
     traceback = models.TextField(blank=True)
 
     class Meta:
-        ordering = ["step", "kind", "number"]
+        ordering = ["step_id", "kind", "number"]
         constraints = [
             models.UniqueConstraint(
                 fields=["step", "kind", "number"], name="attempt_number_unique"

@@ -16,6 +16,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -92,11 +93,11 @@ def load_plans(task_ids: list[Any], now: datetime) -> list[Plan]:
     """Unlocked plans for many tasks in three queries (the reaper's batch look)."""
     tasks = TaskInstance.objects.filter(pk__in=task_ids)
     steps: dict[Any, list[StepRecord]] = {}
-    for step in StepRecord.objects.filter(task_id__in=task_ids).order_by("task_id", "index"):
+    step_ids = []
+    for step in steps_of_tasks(task_ids):
         steps.setdefault(step.task_id, []).append(step)
-    running = StepAttempt.objects.filter(
-        step__task_id__in=task_ids, outcome=AttemptOutcome.RUNNING
-    ).values(*ATTEMPT_FIELDS)
+        step_ids.append(step.pk)
+    running = running_attempts(step_ids).values(*ATTEMPT_FIELDS)
     by_step: dict[int, list[dict[str, Any]]] = {}
     for attempt in running:
         by_step.setdefault(attempt["step_id"], []).append(attempt)
@@ -104,6 +105,15 @@ def load_plans(task_ids: list[Any], now: datetime) -> list[Plan]:
         Plan(_task_row(t), _rows_of(steps.get(t.pk, []), by_step), now, _saga(t.saga))
         for t in tasks
     ]
+
+
+def steps_of_tasks(task_ids: list[Any]) -> QuerySet[StepRecord]:
+    return StepRecord.objects.filter(task_id__in=task_ids).order_by("task_id", "index")
+
+
+def running_attempts(step_ids: list[int]) -> QuerySet[StepAttempt]:
+    """By step id (its own index), not through a join on the steps table."""
+    return StepAttempt.objects.filter(step_id__in=step_ids, outcome=AttemptOutcome.RUNNING)
 
 
 ATTEMPT_FIELDS = (

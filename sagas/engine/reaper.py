@@ -29,7 +29,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, DateTimeField, Q, Value, When
+from django.db.models import Case, DateTimeField, Q, QuerySet, Value, When
 from django.db.models.functions import Cast
 from redis.exceptions import RedisError
 
@@ -254,17 +254,22 @@ def _follow_up(expiry_s: int) -> None:
 # --- attempts whose heartbeat expired ------------------------------------------------------
 
 
-def _lost_batch(report: ReapReport, cursor: Cursor, now: datetime, watch: Watch) -> Cursor | None:
-    candidates = list(
+def lost_candidates(now: datetime, cursor: Cursor) -> QuerySet[StepAttempt]:
+    """Running attempts whose heartbeat expired, oldest first (partial index on running;
+    no join: the few that are declared lost load their step one by one)."""
+    return (
         StepAttempt.objects.filter(
             _after("heartbeat_expires_at", cursor),
             outcome=AttemptOutcome.RUNNING,
             heartbeat_expires_at__lt=now,
         )
-        .select_related("step")
         .only(*LOST_FIELDS)
         .order_by("heartbeat_expires_at", "pk")[: _batch_size()]
     )
+
+
+def _lost_batch(report: ReapReport, cursor: Cursor, now: datetime, watch: Watch) -> Cursor | None:
+    candidates = list(lost_candidates(now, cursor))
     waiting = [a for a in candidates if not watch.observed(_lease(a))]
     for attempt in candidates:
         if attempt not in waiting and _guarded(_declare_lost, attempt):
@@ -288,8 +293,7 @@ LOST_FIELDS = (
     "lock_token",
     "heartbeat_at",
     "heartbeat_expires_at",
-    "step__task_id",
-    "step__name",
+    "step_id",
 )
 
 
@@ -320,12 +324,17 @@ def _declare_lost(attempt: StepAttempt) -> bool:
 # --- tasks whose wake-up time passed -------------------------------------------------------
 
 
-def _woken_batch(report: ReapReport, cursor: Cursor, now: datetime) -> Cursor | None:
-    woken = list(
+def woken_candidates(now: datetime, cursor: Cursor) -> QuerySet[TaskInstance, Any]:
+    """Tasks whose wake-up time passed, earliest first (partial index on wake_at)."""
+    return (
         TaskInstance.objects.filter(_after("wake_at", cursor), wake_at__lt=now)
         .order_by("wake_at", "pk")
         .values_list("pk", "wake_at")[: _batch_size()]
     )
+
+
+def _woken_batch(report: ReapReport, cursor: Cursor, now: datetime) -> Cursor | None:
+    woken = list(woken_candidates(now, cursor))
     if woken:
         _visit([pk for pk, _ in woken], now, report)
     if len(woken) < _batch_size():
