@@ -140,7 +140,7 @@ def _task_with_key(saga: Saga, business_key: str, payload: dict[str, Any]) -> Ta
     return task
 
 
-def _step_records(saga: Saga, task: TaskInstance) -> list[StepRecord]:
+def step_records(saga: Saga, task: TaskInstance) -> list[StepRecord]:
     """One row per top-level step, per parallel group and per branch, in declaration order."""
     levels, graph = saga.levels(), saga.dependencies()
     rows: list[StepRecord] = []
@@ -193,7 +193,7 @@ def _create_task(
         # On the database's clock, like every time the reaper compares.
         deadline_at=Now() + timedelta(seconds=saga.deadline_s) if saga.deadline_s else None,
     )
-    StepRecord.objects.bulk_create(_step_records(saga, task))
+    StepRecord.objects.bulk_create(step_records(saga, task))
     audit.record(
         task,
         audit.AuditAction.STARTED,

@@ -157,10 +157,11 @@ def _step_rows(steps: list[StepRecord], attempts: Iterable[dict[str, Any]]) -> l
 
 
 def _rows_of(steps: list[StepRecord], attempts: dict[int, list[dict[str, Any]]]) -> list[StepRow]:
-    return [_step_row(s, attempts.get(s.pk, [])) for s in steps]
+    return [step_row(s, attempts.get(s.pk, [])) for s in steps]
 
 
-def _step_row(step: StepRecord, attempts: list[dict[str, Any]]) -> StepRow:
+def step_row(step: StepRecord, attempts: list[dict[str, Any]]) -> StepRow:
+    """A step's row as decisions see it, with its attempts (``ATTEMPT_FIELDS`` dicts)."""
     actions = [a for a in attempts if a["kind"] == AttemptKind.ACTION]
     running = [
         AttemptRow(

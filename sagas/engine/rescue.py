@@ -41,15 +41,16 @@ def expected_jobs(plan: Plan) -> list[ExpectedJob]:
     """The jobs that should be queued or scheduled for this task now, by its rows alone."""
     if plan.task.status in UNDOING:
         return _compensations(plan, decisions.compensation_level(plan))
+    # A late branch's own undo runs whatever became of its task (even a parked one).
+    alone = [s for s in plan.work() if s.compensate_alone and s.status in decisions.TO_COMPENSATE]
     if plan.task.status not in FORWARD:
-        return []
-    jobs = [
+        return _compensations(plan, alone)
+    actions = [
         ExpectedJob(s, AttemptKind.ACTION, s.attempt_count + 1, s.next_attempt_at)
         for s in plan.work()
         if _action_due(plan, s)
     ]
-    alone = [s for s in plan.work() if s.compensate_alone and s.status in decisions.TO_COMPENSATE]
-    return jobs + _compensations(plan, alone)
+    return actions + _compensations(plan, alone)
 
 
 def _action_due(plan: Plan, step: StepRow) -> bool:
@@ -90,9 +91,9 @@ def job_of(plan: Plan, job: ExpectedJob) -> str:
 
 def wake_time(plan: Plan, timing: Timing) -> datetime | None:
     """When the reaper should look at this task if nothing else happens (database clock)."""
-    if plan.task.status not in ACTIVE_TASK_STATUSES:
-        return None
     moments = [(job.due or plan.now) + timing.grace for job in expected_jobs(plan)]
+    if plan.task.status not in ACTIVE_TASK_STATUSES:
+        return min(moments) if moments else None  # only a late branch's undo is left
     moments += [at + timing.cancel_grace + timing.grace for at in _stop_requests(plan)]
     if plan.task.deadline_at and _deadline_applies(plan):
         moments.append(plan.task.deadline_at)

@@ -27,6 +27,16 @@ BASE_DIR = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """An in-process RQ worker installs its SIGINT/SIGTERM handlers for good: take them
+    back, so no later test (or tool running the tests) inherits them."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
 def empty_redis():
     redis().flushdb()
     yield

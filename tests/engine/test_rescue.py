@@ -3,6 +3,8 @@ SimpleWorker, works on SQLite too)."""
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -260,3 +262,94 @@ def test_after_a_gap_longer_than_the_expiry_the_watch_starts_again():
     assert later is not None and later.lost_attempts == []
     watched = reap(now=start_at + timedelta(seconds=36), force=True)
     assert watched is not None and watched.lost_attempts == [silent.pk]
+
+
+def test_declaring_an_attempt_lost_frees_its_lock_and_says_why():
+    silent = silent_attempt("chaos", timedelta(seconds=60))
+    StepAttempt.objects.filter(pk=silent.pk).update(lock_key="sagas:lock:held-by-dead")
+    redis().set("sagas:lock:held-by-dead", "t", px=60_000)  # the dead holder's token is "t"
+    redis().set("sagas:lock:someone-else", "other", px=60_000)
+    reaper_watching()
+    report = reap(force=True)
+    assert report is not None and report.lost_attempts == [silent.pk]
+    assert redis().get("sagas:lock:held-by-dead") is None
+    assert redis().get("sagas:lock:someone-else") == b"other"
+    entry = AuditEntry.objects.get(task=silent.step.task, action="attempt_lost")
+    assert entry.step_id == silent.step_id
+    assert entry.details["kind"] == "action"
+    assert entry.details["attempt"] == 1
+    assert entry.details["worker"] == "w"
+    assert entry.details["last_heartbeat"] is not None
+    silent.refresh_from_db()
+    assert silent.outcome == "lost"
+    assert silent.error.startswith("lost: no heartbeat from w since")
+
+
+def test_a_pass_waiting_for_its_watch_comes_back_within_half_an_expiry():
+    silent_attempt("chaos", timedelta(seconds=60))  # chaos: lock_expiry_s=10
+    report = reap(force=True)
+    assert report is not None and report.waiting_for_watch == 1
+    scheduled = queue().scheduled_job_registry
+    follow_ups = [
+        jid for jid in scheduled.get_job_ids() if "reaper" in str(queue().fetch_job(jid).func_name)
+    ]
+    assert len(follow_ups) == 1
+    due = scheduled.get_scheduled_time(follow_ups[0]).timestamp()
+    assert 3 <= due - time.time() <= 7  # about half the expiry
+    again = reap(force=True)  # a second pass within that half: no second follow-up
+    assert again is not None and again.waiting_for_watch == 1
+    assert len(scheduled.get_job_ids()) == 1
+
+
+def test_a_stop_goes_straight_to_the_worker_that_runs_the_attempt():
+    from sagas.engine.stopping import stop_job
+
+    pubsub = redis().pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("rq:pubsub:worker-7")
+    try:
+        assert stop_job("worker-7", "saga-x-step-a1") is True
+        message = None
+        for _ in range(50):
+            message = pubsub.get_message(timeout=0.1)
+            if message:
+                break
+        assert message is not None
+        assert json.loads(message["data"]) == {"command": "stop-job", "job_id": "saga-x-step-a1"}
+    finally:
+        pubsub.close()
+    assert stop_job("", "saga-x-step-a1") is False  # nobody to tell
+    assert stop_job("worker-7", "") is False
+
+
+def test_a_saga_deadline_is_scheduled_at_start_and_cancels_as_the_system():
+    task, _ = start("deadline", {})  # deadline_s=2
+    scheduled = queue().scheduled_job_registry
+    due = scheduled.get_scheduled_time(f"deadline-{task.pk}").timestamp()
+    assert 1 <= due - time.time() <= 3
+    run_one_job()  # early succeeds; too_long is queued
+    from sagas.engine.deadlines import enforce
+
+    assert enforce(str(task.pk)) == "cancelled"
+    task.refresh_from_db()
+    assert task.status == "cancelling"  # early succeeded: it is undone first
+    assert run_to_end(task).status == "cancelled"
+    assert statuses(task) == {"early": "compensated", "too_long": "skipped"}
+    entry = AuditEntry.objects.get(task=task, action="cancel_requested")
+    assert (entry.actor_name, entry.details["by"], entry.details["reason"]) == (
+        "system",
+        "deadline",
+        "deadline passed",
+    )
+    assert task.deadline_at is not None
+    assert abs((task.deadline_at - task.created_at).total_seconds() - 2) < 1
+
+
+def test_a_dead_holders_lock_is_released_only_with_its_token():
+    from sagas.engine.locks import release_if_held_by
+
+    lock = TaskLock(redis(), "t-9", expiry_s=60)
+    assert lock.acquire()
+    assert release_if_held_by(redis(), lock.key, "not-the-token") is False
+    assert lock.holder() == lock.token
+    assert release_if_held_by(redis(), lock.key, lock.token) is True
+    assert lock.holder() is None

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from sagas.definitions import ParallelGroup, RetryPolicy, Saga
+from sagas.definitions import RetryPolicy, Saga
 from sagas.engine import decisions, joins, requests, rescue
+from sagas.engine.apply import step_row
 from sagas.engine.decisions import Outcome
 from sagas.engine.plan import (
     AttemptRow,
@@ -27,6 +28,8 @@ from sagas.engine.plan import (
     job_id,
 )
 from sagas.engine.reaper import Watch, watch_after
+from sagas.models import TaskInstance
+from sagas.services import step_records
 from sagas.states import AttemptKind, StepStatus, TaskStatus
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -60,36 +63,12 @@ def grouped(mode: str = "all", **group: Any) -> Saga:
 
 
 def plan_for(saga: Saga, task_status: str = "running", **steps: dict[str, Any]) -> Plan:
-    """A plan over fresh rows for ``saga``; ``steps`` override fields per step name."""
-    levels, graph = saga.levels(), saga.dependencies()
-    rows: list[StepRow] = []
-
-    def row(name: str, **fields: Any) -> None:
-        rows.append(
-            StepRow(
-                pk=len(rows) + 1,
-                name=name,
-                index=len(rows),
-                status="pending",
-                level=levels[name],
-                **fields,
-            )
-        )
-
-    for node in saga.nodes:
-        if isinstance(node, ParallelGroup):
-            row(
-                node.name,
-                after=graph[node.name],
-                is_group=True,
-                group_mode=node.mode,
-                group_timeout_s=node.timeout_s,
-                group_schedule_to_close_s=node.schedule_to_close_s,
-            )
-            for branch in node.branches:
-                row(branch.name, group=node.name)
-        else:
-            row(node.name, after=graph[node.name])
+    """A plan over fresh rows for ``saga`` (built as ``start`` builds them, never saved);
+    ``steps`` override fields per step name."""
+    records = step_records(saga, TaskInstance(pk="t1", saga=saga.name))
+    for pk, record in enumerate(records, start=1):
+        record.pk = pk
+    rows = [step_row(record, []) for record in records]
     for step in rows:
         for field, value in steps.get(step.name, {}).items():
             setattr(step, field, value)
@@ -487,6 +466,23 @@ def test_wake_time_follows_what_the_task_waits_for():
         assert rescue.wake_time(plan_for(linear(), status), TIMING) is None
 
 
+def test_a_late_branchs_undo_is_watched_even_on_a_parked_task():
+    plan = plan_for(
+        grouped("any"),
+        "dead_lettered",
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "succeeded", "compensate_alone": True},
+    )
+    assert [(j.step.name, j.kind) for j in rescue.expected_jobs(plan)] == [
+        ("right", "compensation")
+    ]
+    assert rescue.wake_time(plan, TIMING) == NOW + TIMING.grace
+    rescue.rescue(plan, {}, TIMING)
+    assert [(e.step, e.kind) for e in of(plan, Schedule)] == [("right", "compensation")]
+
+
 def test_wake_time_covers_stops_and_deadlines():
     cancelling = plan_for(linear(), "cancelling", one={"status": "running", "running": running()})
     cancelling.task.cancel_requested_at = NOW
@@ -590,3 +586,114 @@ def test_the_watch_starts_with_the_first_pass_and_again_after_a_gap():
     assert not watch.observed(60)
     assert not Watch(now=139.0, since={10: 130.0}).observed(10)
     assert not Watch(now=1000.0, since={}).observed(10)  # never watched: never lost
+
+
+# --- what a group's result says --------------------------------------------------------------
+
+
+def test_branch_results_carry_data_or_a_structured_error():
+    ok = StepRow(1, "a", 0, "succeeded", data={"quote": 1})
+    assert joins.branch_result(ok) == {"quote": 1}
+    failed = StepRow(2, "b", 1, "failed", error="ProviderError: skyways is down")
+    assert joins.branch_result(failed) == {
+        "status": "failed",
+        "error_type": "ProviderError",
+        "message": "skyways is down",
+    }
+    bare = StepRow(3, "c", 2, "failed", error="no colon here")
+    assert joins.branch_result(bare) == {
+        "status": "failed",
+        "error_type": "Error",
+        "message": "no colon here",
+    }
+    slow = StepRow(4, "d", 3, "failed", error="StepTimedOut: 5 s", last_action_outcome="timed_out")
+    assert joins.branch_result(slow)["status"] == "timed_out"
+    never = StepRow(5, "e", 4, "failed", error="timed out: the group's deadline passed")
+    assert joins.branch_result(never)["status"] == "timed_out"
+    assert not joins.timed_out(failed)
+    stopped = StepRow(6, "f", 5, "cancelled", error="StepCancelled: stop")
+    assert joins.branch_result(stopped)["status"] == "cancelled"
+
+
+def test_a_closing_group_records_each_branchs_result_and_audits_it():
+    plan = plan_for(
+        grouped("all_settled"),
+        first={"status": "succeeded"},
+        fan={"status": "running"},
+        left={"status": "succeeded", "data": {"l": 1}},
+        right={"status": "running", "attempt_count": 1},
+    )
+    decisions.action_ended(plan, plan.step("right"), Outcome("failed", error="KeyError: x"))
+    fan = plan.step("fan")
+    results = {
+        "left": {"l": 1},
+        "right": {"status": "failed", "error_type": "KeyError", "message": "x"},
+    }
+    assert (fan.status, fan.data, fan.error) == (StepStatus.SUCCEEDED, results, "")
+    entry = [e for e in of(plan, Audit) if e.step == "fan"]
+    assert [(e.action, e.details) for e in entry] == [
+        ("step_succeeded", {"mode": "all_settled", "results": results})
+    ]
+    assert scheduled(plan) == [("last", "action", 1)]
+
+
+def test_a_failing_group_says_so_and_undoes_what_ran():
+    plan = plan_for(
+        grouped("all"),
+        first={"status": "succeeded"},
+        fan={"status": "running"},
+        left={"status": "succeeded"},
+        right={"status": "running", "attempt_count": 1},
+    )
+    decisions.action_ended(plan, plan.step("right"), Outcome("failed", error="E: x"))
+    fan = plan.step("fan")
+    assert (fan.status, fan.error) == (StepStatus.FAILED, "group fan (all) failed")
+    assert [e.action for e in of(plan, Audit) if e.step == "fan"] == ["step_failed"]
+    moves = of(plan, MoveTask)
+    assert [(m.to, m.fields["error_summary"]) for m in moves] == [
+        ("compensating", "fan: group failed")
+    ]
+    assert scheduled(plan) == [("left", "compensation", 1)]
+
+
+def test_a_late_branch_is_audited_with_the_reason_it_is_undone():
+    plan = plan_for(
+        grouped("any"),
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "running", "attempt_count": 1},
+    )
+    decisions.action_ended(plan, plan.step("right"), Outcome("succeeded"))
+    late = [e for e in of(plan, Audit) if e.action == "compensation_started"]
+    assert [(e.step, e.details) for e in late] == [
+        ("right", {"reason": "group fan decided without this branch"})
+    ]
+    failed_late = plan_for(
+        grouped("any"),
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "running", "attempt_count": 1},
+        last={"status": "succeeded"},
+    )
+    decisions.action_ended(failed_late, failed_late.step("right"), Outcome("failed", error="x"))
+    assert task_moves(failed_late) == ["completed"]  # the last part still running settled
+
+
+def test_boundaries_of_the_watch_and_of_an_overdue_job():
+    assert Watch(now=110.0, since={10: 100.0}).observed(10)
+    assert not Watch(now=109.9, since={10: 100.0}).observed(10)
+    jid = "saga-t1-one-a2"
+    exactly = plan_for(
+        linear(),
+        "waiting_retry",
+        one={
+            "status": "waiting_retry",
+            "attempt_count": 1,
+            "job_id": jid,
+            "next_attempt_at": NOW - TIMING.grace,
+        },
+    )
+    rescue.rescue(exactly, {jid: rescue.STUCK_SCHEDULED}, TIMING)
+    assert [e.job_id for e in of(exactly, PromoteJob)] == [jid]
