@@ -68,6 +68,9 @@ class TaskInstance(models.Model):
         related_name="+",
     )
     cancel_reason = models.TextField(blank=True)
+    # When the current undo (a cancel, or compensating a failure) began: running actions
+    # were asked to stop then, and are stopped outright a grace period later.
+    undo_started_at = models.DateTimeField(null=True, blank=True)
     # The saga's deadline_s, on the database's clock (the reaper compares on that clock only).
     deadline_at = models.DateTimeField(null=True, blank=True)
     # When the reaper should look at this task if nothing else happens first: the earliest

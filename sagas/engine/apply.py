@@ -144,6 +144,7 @@ def _task_row(task: TaskInstance) -> TaskRow:
         started_at=task.started_at,
         updated_at=task.updated_at,
         cancel_requested_at=task.cancel_requested_at,
+        undo_started_at=task.undo_started_at,
         deadline_at=task.deadline_at,
         wake_at=task.wake_at,
     )

@@ -292,11 +292,14 @@ def action_ended(plan: Plan, step: StepRow, outcome: Outcome) -> None:
 
 def settled(plan: Plan, step: StepRow) -> None:
     """A step reached its outcome: what comes next."""
+    group = plan.group_of(step)
     if plan.task.status in UNDOING:
         compensate_next(plan)
+    elif group is not None and group.status != StepStatus.RUNNING:
+        _late_branch(plan, group, step)  # undone on its own whatever its task became
     elif plan.task.status not in FORWARD:
         return  # parked or ended: the outcome is recorded, nothing moves until an operator
-    elif step.group:
+    elif group is not None:
         branch_settled(plan, step)
     else:
         advance(plan)
@@ -310,7 +313,11 @@ def action_failed(plan: Plan, step: StepRow, definition: StepDefinition, error: 
         give_up_step(plan, step, error)  # no retry: the undo goes on once this has stopped
         compensate_next(plan)
     elif plan.task.status not in FORWARD:
-        give_up_step(plan, step, error)  # parked or ended: record only
+        # Parked or ended: no retry now; a redrive gives a parked task's failed steps a
+        # fresh budget.
+        give_up_step(plan, step, error)
+        details = {"error": error, "attempt_count": step.attempt_count, "task": plan.task.status}
+        plan.audit(AuditAction.STEP_FAILED, step, details)
     elif can_retry(policy, step.attempt_count - step.attempt_budget_base) and fits_group(
         plan, step, policy
     ):
@@ -391,6 +398,8 @@ def exhausted(plan: Plan, step: StepRow, policy: RetryPolicy, error: str) -> Non
 
 
 def fail(plan: Plan, summary: str) -> None:
+    if any(s.status == StepStatus.RUNNING for s in plan.work()):
+        plan.signal_task()  # nothing of a failed task goes on
     skip_unstarted(plan)
     close_groups(plan, undone=False)
     plan.move_task(
@@ -421,9 +430,10 @@ def close_groups(plan: Plan, *, undone: bool) -> None:
     for group in (s for s in plan.steps if s.is_group):
         if group.status == StepStatus.RUNNING:
             plan.move_step(group, StepStatus.FAILED, finished_at=plan.now, error="stopped")
-        elif group.status == StepStatus.SUCCEEDED and undone:
+        elif undone and group.status in TO_COMPENSATE:  # compensating: a retried undo
             failed = any(b.status == StepStatus.COMPENSATION_FAILED for b in plan.branches(group))
-            plan.move_step(group, StepStatus.COMPENSATING)
+            if group.status == StepStatus.SUCCEEDED:
+                plan.move_step(group, StepStatus.COMPENSATING)
             end = StepStatus.COMPENSATION_FAILED if failed else StepStatus.COMPENSATED
             plan.move_step(group, end)
 
@@ -520,6 +530,7 @@ def begin_compensation(plan: Plan, reason: str, summary: str = "") -> None:
             AuditAction.COMPENSATION_STARTED,
             compensation_reason=reason,
             error_summary=summary[:2000],
+            undo_started_at=plan.now,
         )
     compensate_next(plan)
 
@@ -619,7 +630,7 @@ def undo_done(plan: Plan, step: StepRow) -> None:
 def finish_compensation(plan: Plan) -> None:
     skip_unstarted(plan)
     close_groups(plan, undone=True)
-    failed = any(s.status == StepStatus.COMPENSATION_FAILED for s in plan.steps)
+    failed = any(s.status == StepStatus.COMPENSATION_FAILED for s in plan.work())
     if failed:
         plan.move_task(TaskStatus.COMPENSATION_FAILED, AuditAction.TRANSITION, finished_at=plan.now)
         plan.notify_compensation_failed()

@@ -109,6 +109,7 @@ class TaskRow:
     started_at: datetime | None = None
     updated_at: datetime | None = None
     cancel_requested_at: datetime | None = None
+    undo_started_at: datetime | None = None
     deadline_at: datetime | None = None
     wake_at: datetime | None = None
 

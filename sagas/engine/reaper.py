@@ -29,7 +29,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, DateTimeField, Q, QuerySet, Value, When
+from django.db.models import Case, DateTimeField, F, Q, QuerySet, Value, When
 from django.db.models.functions import Cast
 from redis.exceptions import RedisError
 
@@ -43,7 +43,7 @@ from sagas.engine.executor import settle_dead_attempt
 from sagas.engine.locks import Lease
 from sagas.engine.plan import Plan, Schedule, StopAttempt
 from sagas.engine.requests import BY_DEADLINE
-from sagas.models import StepAttempt, TaskInstance
+from sagas.models import StepAttempt, StepRecord, TaskInstance
 from sagas.states import AttemptOutcome, AuditAction
 
 logger = logging.getLogger("sagas.engine")
@@ -55,6 +55,7 @@ CADENCE_KEY = key("reaper", "cadence")
 FOLLOW_UP_KEY = key("reaper", "follow-up")
 WATCH_KEY = key("reaper", "watch")
 REAPER_JOB = "sagas.engine.reaper.reaper_pass"
+JOB_OPTIONS: dict[str, Any] = {"result_ttl": 0, "job_timeout": 600}
 
 
 @dataclass
@@ -114,21 +115,26 @@ def reap(now: datetime | None = None, *, force: bool = False) -> ReapReport | No
     return report
 
 
-def reaper_pass(token: str = "", cursor: dict[str, str] | None = None) -> None:
+def reaper_pass(
+    token: str = "", cursor: dict[str, str] | None = None, follow_up: bool = False
+) -> None:
     """The RQ job: one batch of a pass, then the rest handed on at the front of the queue."""
     turn = _turn(token)
     if not (turn.renew() if token else turn.acquire()):
+        if follow_up:  # a watch waits for it: come back once the running pass is done
+            queue().enqueue_in(timedelta(seconds=1), REAPER_JOB, follow_up=True, **JOB_OPTIONS)
         return  # another pass holds the turn (or this one's turn ran out)
-    report = ReapReport()
-    start = cursor is None
-    nxt = run_batch(report, Cursor(**cursor) if cursor else Cursor(), None, first=start)
-    _log(report)
-    if nxt is None:
-        turn.release()
-        return
-    queue().enqueue(
-        REAPER_JOB, turn.token, nxt.as_dict(), at_front=True, result_ttl=0, job_timeout=600
-    )
+    nxt: Cursor | None = None
+    try:
+        report = ReapReport()
+        start = cursor is None
+        nxt = run_batch(report, Cursor(**cursor) if cursor else Cursor(), None, first=start)
+        _log(report)
+    finally:
+        if nxt is None:
+            turn.release()  # done, or failed: the next pass must not wait for a lease
+    if nxt is not None:
+        queue().enqueue(REAPER_JOB, turn.token, nxt.as_dict(), at_front=True, **JOB_OPTIONS)
 
 
 def schedule_pass() -> bool:
@@ -136,7 +142,7 @@ def schedule_pass() -> bool:
     interval_ms = max(1000, int(settings.SAGAS_REAPER_INTERVAL * 1000))
     if not redis().set(CADENCE_KEY, "1", nx=True, px=interval_ms):
         return False
-    queue().enqueue(REAPER_JOB, at_front=True, result_ttl=0, job_timeout=600)
+    queue().enqueue(REAPER_JOB, at_front=True, **JOB_OPTIONS)
     return True
 
 
@@ -211,7 +217,9 @@ def watch_after(state: dict[str, float], now: float, expiries: set[int]) -> dict
     last = state.get("last")
     gap = now - last if last is not None else math.inf
     updated = {"last": now}
-    for expiry in expiries:
+    # Expiries only other workers know (a rolling deploy) restart on a gap too.
+    known = {int(key.split(":")[1]) for key in state if key.startswith("since:")}
+    for expiry in expiries | known:
         since = state.get(f"since:{expiry}")
         updated[f"since:{expiry}"] = now if since is None or gap > expiry else since
     return updated
@@ -246,7 +254,7 @@ def _follow_up(expiry_s: int) -> None:
     delay = max(1.0, expiry_s / 2)
     try:
         if redis().set(FOLLOW_UP_KEY, "1", nx=True, px=int(delay * 1000)):
-            queue().enqueue_in(timedelta(seconds=delay), REAPER_JOB, result_ttl=0, job_timeout=600)
+            queue().enqueue_in(timedelta(seconds=delay), REAPER_JOB, follow_up=True, **JOB_OPTIONS)
     except RedisError as exc:
         logger.warning("reaper: could not schedule its follow-up pass: %s", exc)
 
@@ -271,8 +279,9 @@ def lost_candidates(now: datetime, cursor: Cursor) -> QuerySet[StepAttempt]:
 def _lost_batch(report: ReapReport, cursor: Cursor, now: datetime, watch: Watch) -> Cursor | None:
     candidates = list(lost_candidates(now, cursor))
     waiting = [a for a in candidates if not watch.observed(_lease(a))]
+    foreign = _code_elsewhere([a for a in candidates if a not in waiting], now)
     for attempt in candidates:
-        if attempt not in waiting and _guarded(_declare_lost, attempt):
+        if attempt not in waiting and attempt not in foreign and _guarded(_declare_lost, attempt):
             report.lost_attempts.append(attempt.pk)
     if waiting:
         report.waiting_for_watch += len(waiting)
@@ -295,6 +304,32 @@ LOST_FIELDS = (
     "heartbeat_expires_at",
     "step_id",
 )
+
+
+def _code_elsewhere(attempts: list[StepAttempt], now: datetime) -> list[StepAttempt]:
+    """Attempts of steps this worker has no code for (an old worker in a rolling deploy):
+    what comes after their loss is decided by a worker that has it. Only once no worker has
+    claimed them for as long as jobs are handed back for the code are they settled here
+    (and park their task, as the step's code is gone)."""
+    if not attempts:
+        return []
+    steps = StepRecord.objects.filter(pk__in=[a.step_id for a in attempts])
+    known = {
+        row["pk"]
+        for row in steps.values("pk", "name", "task__saga")
+        if row["task__saga"] in registry and registry.get(row["task__saga"]).get_step(row["name"])
+    }
+    wait = timedelta(seconds=code_wait_s())
+    return [
+        a
+        for a in attempts
+        if a.step_id not in known and a.heartbeat_expires_at and now - a.heartbeat_expires_at < wait
+    ]
+
+
+def code_wait_s() -> float:
+    """How long jobs are handed back for a worker with the code, at most."""
+    return float(sum(min(2**n, 30) + 1 for n in range(settings.SAGAS_CODE_REQUEUES)))
 
 
 def _lease(attempt: StepAttempt) -> int:
@@ -349,12 +384,16 @@ def _visit(task_ids: list[Any], now: datetime, report: ReapReport) -> None:
     timing = apply.timing()
     plans = apply.load_plans(task_ids, now)
     states = dispatch.job_states(jid for plan in plans for jid in rescue.jobs_to_check(plan))
-    later: dict[Any, datetime | None] = {}
+    later: dict[Any, tuple[datetime | None, Plan]] = {}
     for plan in plans:
-        if rescue.needs_rescue(plan, states, timing):
-            _guarded(_rescue, plan.task.pk, report)
-        else:
-            later[plan.task.pk] = _next_look(plan, states, timing, report)
+        try:
+            if rescue.needs_rescue(plan, states, timing):
+                _guarded(_rescue, plan.task.pk, report)
+            else:
+                later[plan.task.pk] = (_next_look(plan, states, timing, report), plan)
+        except Exception:  # one task's rows must never stop the fleet's reaper
+            logger.exception("reaper: task %s could not be judged; looked at later", plan.task.pk)
+            later[plan.task.pk] = (plan.now + timing.stuck_after, plan)
     _postpone(later)
 
 
@@ -368,21 +407,32 @@ def _next_look(
         logger.warning("reaper: task %s is stuck and nothing it could do moves it", plan.task.pk)
         return plan.now + timing.stuck_after
     wake = rescue.wake_time(plan, timing)
-    if wake is None or wake > plan.now:
-        return wake
-    overdue = plan.now - (plan.task.wake_at or plan.now)
-    return plan.now + min(max(timing.grace, overdue), timing.stuck_after)
+    if wake is None or wake > plan.now + timing.grace:
+        return wake  # nothing to wait for, or a real moment ahead (a retry, a deadline)
+    # Its jobs wait for a free worker: look again later the longer it has waited.
+    unchanged = plan.now - (plan.task.updated_at or plan.now)
+    return plan.now + min(max(timing.grace, unchanged), timing.stuck_after)
 
 
-def _postpone(later: dict[Any, datetime | None]) -> None:
-    """One UPDATE for the whole batch (it is not a change of the task: no updated_at)."""
+def _postpone(later: dict[Any, tuple[datetime | None, Plan]]) -> None:
+    """One UPDATE for the whole batch (it is not a change of the task: no updated_at).
+    Only rows unchanged since the batch read them: a decision that committed meanwhile
+    wrote its own wake-up time, which a value computed from older rows must not undo."""
     if not later:
         return
     moment = DateTimeField()
     # Cast: in a CASE, Postgres would otherwise take the bound parameters for text.
-    whens = [When(pk=pk, then=Cast(Value(at), moment)) for pk, at in later.items()]
+    whens = [
+        When(
+            pk=pk,
+            wake_at=plan.task.wake_at,
+            updated_at=plan.task.updated_at,
+            then=Cast(Value(at), moment),
+        )
+        for pk, (at, plan) in later.items()
+    ]
     TaskInstance.objects.filter(pk__in=list(later)).update(
-        wake_at=Case(*whens, output_field=moment)
+        wake_at=Case(*whens, default=F("wake_at"), output_field=moment)
     )
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sagas.engine import decisions
-from sagas.engine.plan import Plan
+from sagas.engine import decisions, joins
+from sagas.engine.plan import Plan, StepRow
 from sagas.states import AttemptKind, AuditAction, CompensationReason, StepStatus, TaskStatus
 
 CANCELLABLE = (
@@ -64,12 +64,17 @@ def cancel(plan: Plan, actor: Any, reason: str, by: str = "operator") -> CancelO
         "cancelled_by": actor,
         "cancel_reason": reason[:2000],
         "compensation_reason": CompensationReason.CANCEL,
+        "undo_started_at": plan.now,
     }
     _cancel_waiting_steps(plan)
     busy = (StepStatus.RUNNING, StepStatus.SUCCEEDED, StepStatus.COMPENSATING)
     if not any(s.status in busy for s in plan.work()):
         decisions.skip_unstarted(plan)
         decisions.close_groups(plan, undone=False)
+        if plan.task.status == TaskStatus.RUNNING:
+            # Running with only queued work (a redriven first step, a waiting branch):
+            # "cancelled" is reached through "cancelling", never straight from "running".
+            plan.move_task(TaskStatus.CANCELLING, AuditAction.TRANSITION, actor=actor, **fields)
         plan.move_task(
             TaskStatus.CANCELLED,
             AuditAction.CANCELLED,
@@ -96,6 +101,9 @@ def _cancel_waiting_steps(plan: Plan) -> None:
 def resolve(plan: Plan, actor: Any, note: str) -> None:
     """Close a parked task by hand (after fixing things outside); the note is mandatory."""
     _require(plan, "resolve", RESOLVABLE)
+    if any(s.running for s in plan.work()):
+        # Resolved means nothing runs any more: let the running step end first.
+        raise NotAllowed("resolve while a step still runs", plan.task.status, RESOLVABLE)
     decisions.skip_unstarted(plan)
     plan.move_task(
         TaskStatus.RESOLVED,
@@ -119,6 +127,9 @@ def retry_compensation(plan: Plan, actor: Any, reason: str) -> None:
             next_attempt_at=None,
             compensation_budget_base=step.compensation_attempt_count,
         )
+    for group in (s for s in plan.steps if s.is_group):
+        if group.status == StepStatus.COMPENSATION_FAILED:
+            plan.move_step(group, StepStatus.COMPENSATING)  # settled again by the undo's end
     resume = (
         TaskStatus.CANCELLING
         if plan.task.compensation_reason == CompensationReason.CANCEL
@@ -135,11 +146,11 @@ def retry_compensation(plan: Plan, actor: Any, reason: str) -> None:
 
 
 def redrive(plan: Plan, actor: Any, reason: str, parked_by: list[str] | None) -> None:
-    """Retry exactly the work that dead-lettered the task, each step with a fresh budget.
-
-    ``parked_by`` names the steps the ``dead_lettered`` audit entry recorded; tasks parked
-    before that was recorded fall back to their failed critical steps.
-    """
+    """Retry exactly the work that keeps the dead-lettered task parked, each step with a
+    fresh budget: the steps its ``dead_lettered`` entry names (``parked_by``), and any
+    that failed while it was parked and would block it (a critical node, a branch its
+    group cannot do without). Groups whose branches all settled meanwhile join now, and
+    an operator's redrive takes the task past its saga's deadline."""
     _require(plan, "redrive", (TaskStatus.DEAD_LETTERED,))
     steps = _redrive_targets(plan, parked_by)
     if not steps:
@@ -166,22 +177,47 @@ def redrive(plan: Plan, actor: Any, reason: str, parked_by: list[str] | None) ->
     for step in steps:  # branches too: advance starts only nodes
         suffix = f"rd{int(plan.now.timestamp())}"  # its earlier job may carry the same attempt
         plan.schedule(step, AttemptKind.ACTION, step.attempt_count + 1, suffix=suffix)
+    if plan.task.deadline_at is not None:
+        plan.update_task(deadline_at=None)
+    _join_settled_groups(plan)
     decisions.advance(plan)
 
 
-def _redrive_targets(plan: Plan, parked_by: list[str] | None) -> list[Any]:
+def _redrive_targets(plan: Plan, parked_by: list[str] | None) -> list[StepRow]:
     failed = [s for s in plan.work() if s.status == StepStatus.FAILED]
-    if parked_by:
-        return [s for s in failed if s.name in parked_by]
-    return [s for s in failed if s.critical and not s.group][-1:]
+    return [s for s in failed if s.name in (parked_by or ()) or _blocks(plan, s)]
 
 
-def _reopen_group(plan: Plan, branch: Any) -> None:
-    """A redriven branch gets a fresh clock too: its group's timeout starts again when a
-    branch next starts (the time the task sat parked is not the group's)."""
+def _blocks(plan: Plan, step: StepRow) -> bool:
+    """A failed step the task cannot go on without."""
+    group = plan.group_of(step)
+    if group is None:
+        return step.critical
+    if group.status != StepStatus.RUNNING:
+        return False  # its group decided with it
+    statuses = [b.status for b in plan.branches(group)]
+    return joins.decide(group.group_mode, statuses, step.status) == joins.FAIL
+
+
+def _reopen_group(plan: Plan, branch: StepRow) -> None:
+    """A redriven branch gets fresh clocks: its group's timeout starts again when a branch
+    next starts, and its schedule-to-close cap now (the time the task sat parked is not
+    the group's)."""
     group = plan.group_of(branch)
-    if group is not None and group.status == StepStatus.RUNNING:
-        plan.update_step(group, deadline_at=None, schedule_deadline_at=None)
+    if group is None or group.status != StepStatus.RUNNING:
+        return
+    cap = group.group_schedule_to_close_s
+    plan.update_step(group, deadline_at=None, schedule_deadline_at=plan.after(cap) if cap else None)
+
+
+def _join_settled_groups(plan: Plan) -> None:
+    """Groups whose branches all settled while the task was parked (joins wait then)."""
+    for group in [s for s in plan.steps if s.is_group and s.status == StepStatus.RUNNING]:
+        branches = plan.branches(group)
+        if any(b.status not in joins.SETTLED for b in branches):
+            continue
+        last = max(branches, key=lambda b: (b.finished_at is not None, b.finished_at or plan.now))
+        decisions.branch_settled(plan, last)
 
 
 def _require(plan: Plan, operation: str, allowed: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from sagas.engine import decisions, requests
 from sagas.engine.plan import FORWARD, UNDOING, Plan, Schedule, StepRow
-from sagas.states import ACTIVE_TASK_STATUSES, AttemptKind, StepStatus, TaskStatus
+from sagas.states import ACTIVE_TASK_STATUSES, AttemptKind, StepStatus
 
 ALIVE, STUCK_SCHEDULED, MISSING = "alive", "stuck_scheduled", "missing"
 
@@ -131,8 +131,10 @@ def _stop_requests(plan: Plan) -> list[datetime]:
 
 
 def _asked_to_stop_at(plan: Plan, step: StepRow) -> datetime | None:
-    if plan.task.status == TaskStatus.CANCELLING and plan.task.cancel_requested_at:
-        return plan.task.cancel_requested_at
+    """When this step's running action was asked to stop: its task's undo began (a cancel,
+    or compensating a failure), or its group decided without it."""
+    if plan.task.status in UNDOING:
+        return plan.task.undo_started_at or plan.task.cancel_requested_at
     group = plan.group_of(step)
     if group is not None and group.status != StepStatus.RUNNING:
         return group.finished_at or plan.now
@@ -181,7 +183,7 @@ def _stop_overdue(plan: Plan, timing: Timing) -> None:
         if asked is None or asked > late:
             continue
         for attempt in step.running_of(AttemptKind.ACTION):
-            if plan.task.status == TaskStatus.CANCELLING:
+            if plan.task.status in UNDOING:
                 plan.signal_task()
             else:
                 plan.signal_attempt(step, attempt)

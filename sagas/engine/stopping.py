@@ -10,7 +10,6 @@ that needs no job hash, so it still works after Redis lost its data.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -44,14 +43,22 @@ def attempt_signal_key(a: AttemptAddress) -> str:
     return key("cancel", "attempt", a.task_id, a.step_name, a.kind, a.number)
 
 
+# The value is when the stop was asked, on Redis's clock: the worker that checks the grace
+# period compares it with that same clock, never with the asking machine's.
+_SIGNAL = """
+local now = redis.call('TIME')
+redis.call('SET', KEYS[1], now[1] .. '.' .. string.format('%06d', now[2]), 'EX', ARGV[1])
+"""
+
+
 def signal_task(connection: Redis, task_id: object) -> None:
-    """Ask every running action attempt of a task to stop (the value is when it was asked)."""
-    connection.set(task_signal_key(task_id), str(time.time()), ex=SIGNAL_TTL_S)
+    """Ask every running action attempt of a task to stop."""
+    connection.eval(_SIGNAL, 1, task_signal_key(task_id), SIGNAL_TTL_S)
 
 
 def signal_attempt(connection: Redis, attempt: AttemptAddress) -> None:
     """Ask one attempt to stop."""
-    connection.set(attempt_signal_key(attempt), str(time.time()), ex=SIGNAL_TTL_S)
+    connection.eval(_SIGNAL, 1, attempt_signal_key(attempt), SIGNAL_TTL_S)
 
 
 def signal_task_safely(task_id: object) -> None:
@@ -82,10 +89,14 @@ def signalled_at(connection: Redis, attempt: AttemptAddress) -> float | None:
     return min(times) if times else None
 
 
-def grace_expired(connection: Redis, attempt: AttemptAddress, now: float) -> bool:
-    """Whether the attempt was asked to stop longer than the grace period ago."""
+def grace_expired(connection: Redis, attempt: AttemptAddress) -> bool:
+    """Whether the attempt was asked to stop longer than the grace period ago (by Redis's
+    clock, which also stamped the request)."""
     asked = signalled_at(connection, attempt)
-    return asked is not None and now - asked >= settings.SAGAS_CANCEL_GRACE
+    if asked is None:
+        return False
+    seconds, micros = connection.time()
+    return seconds + micros / 1e6 - asked >= settings.SAGAS_CANCEL_GRACE
 
 
 def stop_job(worker_name: str, job_id: str) -> bool:

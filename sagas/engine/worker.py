@@ -113,7 +113,10 @@ class SagaWorker(ReaperMixin, Worker):
                 self.wait_for_horse()
                 self._horse_pid = 0
             settle_dead_job(
-                job.id, AttemptOutcome.LOST, f"work horse ended while Redis was down ({exc})"
+                self.name,
+                job.id,
+                AttemptOutcome.LOST,
+                f"work horse ended while Redis was down ({exc})",
             )
 
     def maintain_heartbeats(self, job: Any, execution: Any) -> None:
@@ -138,7 +141,7 @@ class SagaWorker(ReaperMixin, Worker):
         if address is None or self._stopped_job_id == job.id:
             return False
         try:
-            return stopping.grace_expired(self.connection, address, time.time())
+            return stopping.grace_expired(self.connection, address)
         except RedisError:
             return False
 
@@ -175,20 +178,20 @@ class SagaWorker(ReaperMixin, Worker):
 
     def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)  # type: ignore[no-untyped-call]
-        settle_dead_job(job.id, AttemptOutcome.LOST, f"work horse died (wait status {ret_val})")
+        settle_dead_job(self.name, job.id, AttemptOutcome.LOST, f"work horse died ({ret_val})")
 
     def monitor_work_horse(self, job: Any, queue: Any, execution: Any) -> None:
         super().monitor_work_horse(job, queue, execution)
         if self._stopped_job_id == job.id:
             # RQ skips its stopped-job handling when the job hash is gone (a flushed
             # Redis): record the stop anyway (nothing happens if it was recorded).
-            settle_dead_job(job.id, AttemptOutcome.CANCELLED, STOPPED)
+            settle_dead_job(self.name, job.id, AttemptOutcome.CANCELLED, STOPPED)
 
     def _handle_stopped_job(self, job: Any, queue: Any, execution: Any) -> None:
         # stop-job killed the horse outright: no finally ran there, so the parent records
         # it. Stopped by a cancel it counts as cancelled; stopped by anyone else, as a
         # failed attempt that follows the retry policy (decisions.classify).
-        settle_dead_job(job.id, AttemptOutcome.CANCELLED, STOPPED)
+        settle_dead_job(self.name, job.id, AttemptOutcome.CANCELLED, STOPPED)
         super()._handle_stopped_job(job, queue, execution)
 
 
@@ -204,7 +207,7 @@ def attempt_address(job: Any) -> stopping.AttemptAddress | None:
     return stopping.AttemptAddress(str(task_id), step_name, kind, int(number))
 
 
-def settle_dead_job(job_id: str, outcome: str, error: str) -> None:
+def settle_dead_job(worker: str, job_id: str, outcome: str, error: str) -> None:
     """Settle every still-running attempt of a job whose horse is gone, and free its lock.
 
     Runs in the worker's parent: any failure is logged and left to the reaper, because an
@@ -212,7 +215,9 @@ def settle_dead_job(job_id: str, outcome: str, error: str) -> None:
     """
     try:
         close_old_connections()
-        running = StepAttempt.objects.filter(job_id=job_id, outcome=AttemptOutcome.RUNNING)
+        running = StepAttempt.objects.filter(
+            job_id=job_id, worker=worker[:200], outcome=AttemptOutcome.RUNNING
+        )
         for attempt in running.select_related("step"):
             settle_dead_attempt(attempt, Outcome(outcome, error=error))
     except Exception:

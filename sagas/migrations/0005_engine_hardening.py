@@ -11,14 +11,23 @@ ACTIVE = ["pending", "running", "waiting_retry", "compensating", "cancelling"]
 
 
 def backfill(apps, schema_editor):
-    """Running attempts get a heartbeat lease (the default lock expiry), and every active
-    task is due for one look by the reaper, which then keeps its wake-up time itself."""
+    """Running attempts get a heartbeat lease (the default lock expiry), active tasks of
+    sagas with a deadline get it on record, and every active task is due for one look by
+    the reaper, which then keeps its wake-up time itself."""
+    from sagas.definitions import registry  # the sagas this deployment registers
+
     StepAttempt = apps.get_model("sagas", "StepAttempt")
     TaskInstance = apps.get_model("sagas", "TaskInstance")
     StepAttempt.objects.filter(outcome="running").update(
         heartbeat_expires_at=F("heartbeat_at") + timedelta(seconds=60)
     )
-    TaskInstance.objects.filter(status__in=ACTIVE).update(wake_at=Now())
+    active = TaskInstance.objects.filter(status__in=ACTIVE)
+    for saga in (registry.get(name) for name in registry.names()):
+        if saga.deadline_s:
+            active.filter(saga=saga.name).update(
+                deadline_at=F("created_at") + timedelta(seconds=saga.deadline_s)
+            )
+    active.update(wake_at=Now())
 
 
 class Migration(migrations.Migration):

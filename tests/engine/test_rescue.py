@@ -353,3 +353,94 @@ def test_a_dead_holders_lock_is_released_only_with_its_token():
     assert lock.holder() == lock.token
     assert release_if_held_by(redis(), lock.key, lock.token) is True
     assert lock.holder() is None
+
+
+def test_cancel_right_after_a_redrive_of_the_first_step(operator):
+    task, _ = start("chaos", {"fail": {"reserve": 4}, "on_exhausted": "dead_letter"})
+    assert run_to_end(task).status == "dead_lettered"
+    redrive(task.pk, operator, "the service is back")
+    task.refresh_from_db()
+    assert task.status == "running"  # reserve pending, its job queued
+    outcome = cancel(task.pk, operator, "never mind")
+    assert (outcome.outcome, outcome.status, outcome.http_status) == ("cancelled", "cancelled", 202)
+    assert run_to_end(task).status == "cancelled"
+
+
+def test_a_task_the_reaper_cannot_judge_does_not_stop_the_others(monkeypatch, settings):
+    from sagas.engine import rescue
+
+    settings.SAGAS_REAPER_GRACE = 0
+    poisoned, _ = start("chaos", {})
+    healthy, _ = start("chaos", {})
+    forget_all_jobs()
+    real = rescue.needs_rescue
+
+    def judge(plan, states, timing):
+        if plan.task.pk == poisoned.pk:
+            raise RuntimeError("rows the rules did not foresee")
+        return real(plan, states, timing)
+
+    monkeypatch.setattr(rescue, "needs_rescue", judge)
+    report = reap(force=True)
+    assert report is not None
+    assert [j for j in report.requeued_jobs if str(healthy.pk) in j]
+    poisoned.refresh_from_db()
+    assert poisoned.wake_at is not None  # looked at again later, not every pass
+    assert (poisoned.wake_at - poisoned.created_at).total_seconds() > 600
+
+
+def test_a_postponement_never_overwrites_a_decision_taken_meanwhile(monkeypatch, settings):
+    from sagas.engine import rescue
+    from sagas.models import TaskInstance
+
+    settings.SAGAS_REAPER_GRACE = 0
+    task, _ = start("chaos", {})
+    forget_all_jobs()
+    transition(task, TaskStatus.RUNNING)
+    reserve = task.steps.get(name="reserve")
+    transition_step(reserve, StepStatus.RUNNING, fields={"attempt_count": 1})
+    attempt = StepAttempt.objects.create(
+        step=reserve,
+        kind="action",
+        number=1,
+        lock_token="t",
+        worker="w",
+        heartbeat_at=Now(),
+        heartbeat_expires_at=Now() + timedelta(seconds=10),
+    )
+    TaskInstance.objects.filter(pk=task.pk).update(wake_at=Now() - timedelta(seconds=1))
+    real = rescue.needs_rescue
+
+    def racing(plan, states, timing):
+        answer = real(plan, states, timing)  # judged on rows read before the settle
+        if plan.task.pk == task.pk:
+            # ... meanwhile reserve settles, charge is scheduled and Redis loses its job
+            assert settle_attempt(attempt.pk, Outcome(AttemptOutcome.SUCCEEDED, data={}))
+            forget_all_jobs()
+        return answer
+
+    monkeypatch.setattr(rescue, "needs_rescue", racing)
+    reap(force=True)
+    monkeypatch.undo()
+    task.refresh_from_db()
+    assert task.wake_at is not None  # the settle's wake-up time stands
+    report = reap(force=True)
+    assert report is not None
+    assert [j for j in report.requeued_jobs if "-charge-a1" in j]
+    assert run_to_end(task).status == "completed"
+
+
+def test_a_worker_without_the_code_leaves_a_lost_attempt_to_one_that_has_it(monkeypatch, settings):
+    silent = silent_attempt("chaos", timedelta(seconds=30))
+    reaper_watching()
+    saga = registry.get("chaos")
+    monkeypatch.setattr(saga, "get_step", lambda name: None)  # an old worker's registry
+    report = reap(force=True)
+    assert report is not None and report.lost_attempts == []
+    silent.refresh_from_db()
+    assert silent.outcome == "running"  # not parked by a worker that cannot judge it
+    settings.SAGAS_CODE_REQUEUES = 1  # long past the hand-back window: the code is gone
+    report = reap(force=True)
+    assert report is not None and report.lost_attempts == [silent.pk]
+    silent.step.task.refresh_from_db()
+    assert silent.step.task.status == "dead_lettered"

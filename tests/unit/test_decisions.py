@@ -697,3 +697,214 @@ def test_boundaries_of_the_watch_and_of_an_overdue_job():
     )
     rescue.rescue(exactly, {jid: rescue.STUCK_SCHEDULED}, TIMING)
     assert [e.job_id for e in of(exactly, PromoteJob)] == [jid]
+
+
+# --- parked tasks, redrives and retried undos ------------------------------------------------
+
+
+def dead_letter_first() -> Saga:
+    saga = Saga("dag-park", lock_expiry_s=10)
+    saga.step(name="a", retry=RetryPolicy(max_retries=0, on_exhausted="dead_letter"))(noop)
+    saga.step(name="b", after=[], retry=RetryPolicy(max_retries=5))(noop)
+    saga.step(name="c", after=["a", "b"])(noop)
+    return saga
+
+
+def succeed(plan: Plan, name: str, attempt: int) -> None:
+    step = plan.step(name)
+    decisions.start_attempt(plan, step, AttemptKind.ACTION, attempt)
+    plan.attempt_ended(step, AttemptKind.ACTION, attempt, "succeeded")
+    decisions.action_ended(plan, step, Outcome("succeeded", data={name: attempt}))
+
+
+def test_cancel_of_a_running_task_with_only_queued_work_ends_through_cancelling():
+    plan = plan_for(
+        linear(),
+        one={
+            "status": "pending",
+            "attempt_count": 3,
+            "attempt_budget_base": 3,
+            "job_id": "saga-t1-one-a4-rd1",
+        },
+    )
+    answer = requests.cancel(plan, None, "never mind")
+    assert (answer.outcome, answer.status) == ("cancelled", "cancelled")
+    assert task_moves(plan) == ["cancelling", "cancelled"]  # never running -> cancelled
+
+
+def test_a_sibling_that_fails_while_the_task_is_parked_is_redriven_with_it():
+    plan = plan_for(
+        dead_letter_first(),
+        "dead_lettered",
+        a={"status": "failed", "attempt_count": 1},
+        b={"status": "running", "attempt_count": 1, "running": running()},
+    )
+    b = plan.step("b")
+    plan.attempt_ended(b, AttemptKind.ACTION, 1, "failed")
+    decisions.action_ended(plan, b, Outcome("failed", error="boom"))
+    assert b.status == StepStatus.FAILED  # no retry while parked, but on record
+    assert [(e.action, e.step) for e in of(plan, Audit)] == [("step_failed", "b")]
+    requests.redrive(plan, None, "fixed a", ["a"])
+    assert sorted(s for s, _, _ in scheduled(plan)) == ["a", "b"]
+    succeed(plan, "a", 2)
+    succeed(plan, "b", 2)
+    assert ("c", "action", 1) in scheduled(plan)
+    succeed(plan, "c", 1)
+    assert plan.task.status == TaskStatus.COMPLETED
+
+
+def test_a_group_that_settled_while_the_task_was_parked_joins_at_the_redrive():
+    saga = Saga("dag-group", lock_expiry_s=10)
+    saga.step(name="a", retry=RetryPolicy(max_retries=0, on_exhausted="dead_letter"))(noop)
+    fan = saga.parallel("fan", mode="all", after=[])
+    for name in ("left", "right"):
+        fan.branch(name=name)(noop).compensate(noop)
+    saga.step(name="c", after=["a", "fan"])(noop)
+    plan = plan_for(
+        saga,
+        "dead_lettered",
+        a={"status": "failed", "attempt_count": 1},
+        fan={"status": "running"},
+        left={"status": "running", "attempt_count": 1, "running": running()},
+        right={"status": "running", "attempt_count": 1, "running": running()},
+    )
+    for name in ("left", "right"):
+        step = plan.step(name)
+        plan.attempt_ended(step, AttemptKind.ACTION, 1, "succeeded")
+        decisions.action_ended(plan, step, Outcome("succeeded", data={name: 1}))
+    assert plan.step("fan").status == StepStatus.RUNNING  # no join while parked
+    requests.redrive(plan, None, "fixed a", ["a"])
+    assert plan.step("fan").status == StepStatus.SUCCEEDED  # joined at the redrive
+    succeed(plan, "a", 2)
+    assert ("c", "action", 1) in scheduled(plan)
+
+
+def test_a_late_branch_that_succeeds_while_its_task_is_parked_is_undone_alone():
+    saga = Saga("late-parked", lock_expiry_s=10)
+    fan = saga.parallel("fan", mode="any")
+    for name in ("left", "right"):
+        fan.branch(name=name)(noop).compensate(noop)
+    saga.step(name="last", retry=RetryPolicy(max_retries=0, on_exhausted="dead_letter"))(noop)
+    plan = plan_for(
+        saga,
+        "dead_lettered",
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "running", "attempt_count": 1, "running": running()},
+        last={"status": "failed", "attempt_count": 1},
+    )
+    right = plan.step("right")
+    plan.attempt_ended(right, AttemptKind.ACTION, 1, "succeeded")
+    decisions.action_ended(plan, right, Outcome("succeeded", data={"x": 1}))
+    assert right.compensate_alone
+    assert scheduled(plan) == [("right", "compensation", 1)]
+
+
+def test_a_retried_undo_of_a_saga_with_a_group_can_end_compensated():
+    plan = plan_for(
+        grouped("all"),
+        "compensation_failed",
+        first={"status": "compensated"},
+        fan={"status": "compensation_failed"},
+        left={"status": "compensation_failed", "compensation_attempt_count": 3},
+        right={"status": "compensated"},
+        last={"status": "skipped"},
+    )
+    plan.task.compensation_reason = "failure"
+    requests.retry_compensation(plan, None, "fixed the bucket")
+    assert plan.step("fan").status == StepStatus.COMPENSATING
+    left = plan.step("left")
+    decisions.start_attempt(plan, left, AttemptKind.COMPENSATION, 4)
+    plan.attempt_ended(left, AttemptKind.COMPENSATION, 4, "succeeded")
+    decisions.compensation_ended(plan, left, Outcome("succeeded"))
+    assert plan.step("fan").status == StepStatus.COMPENSATED
+    assert plan.task.status == TaskStatus.COMPENSATED
+
+
+def test_a_redrive_restarts_its_groups_clocks_and_takes_the_task_past_its_deadline():
+    fan = {
+        "status": "running",
+        "deadline_at": NOW - timedelta(hours=1),
+        "schedule_deadline_at": NOW - timedelta(hours=1),
+    }
+    plan = plan_for(
+        grouped("all", timeout_s=4, schedule_to_close_s=30),
+        "dead_lettered",
+        first={"status": "succeeded"},
+        fan=fan,
+        left={"status": "failed", "attempt_count": 1},
+        right={"status": "running"},
+    )
+    plan.task.deadline_at = NOW - timedelta(minutes=5)
+    requests.redrive(plan, None, "deployed", ["left"])
+    group = plan.step("fan")
+    assert group.deadline_at is None  # starts again with the next branch start
+    assert group.schedule_deadline_at == NOW + timedelta(seconds=30)
+    assert plan.task.deadline_at is None
+    assert not rescue.needs_rescue(plan, {plan.step("left").job_id: rescue.ALIVE}, TIMING)
+
+
+def test_a_task_is_not_resolved_while_a_step_still_runs():
+    plan = plan_for(
+        grouped("all"),
+        "dead_lettered",
+        first={"status": "failed"},
+        fan={"status": "running"},
+        left={"status": "running", "running": running()},
+    )
+    with pytest.raises(requests.NotAllowed):
+        requests.resolve(plan, None, "closing it")
+
+
+def test_the_reaper_stops_a_sibling_that_ignores_a_failure_undo():
+    attempt = running(worker="w2", job_id="saga-t1-right-a1")
+    plan = plan_for(
+        grouped("all"),
+        "compensating",
+        first={"status": "succeeded"},
+        fan={"status": "failed"},
+        left={"status": "failed"},
+        right={"status": "running", "running": attempt},
+    )
+    plan.task.undo_started_at = NOW - timedelta(seconds=25)
+    assert rescue.wake_time(plan, TIMING) == plan.task.undo_started_at + timedelta(seconds=20)
+    rescue.rescue(plan, {}, TIMING)
+    assert of(plan, SignalTask)
+    assert [(e.step, e.worker) for e in of(plan, StopAttempt)] == [("right", "w2")]
+
+
+def test_a_gap_restarts_even_the_watches_this_worker_does_not_know():
+    state = {"last": 100.0, "since:10": 50.0, "since:45": 50.0}
+    after_gap = watch_after(state, 130.0, {10})  # 45 s: a saga only newer workers have
+    assert after_gap["since:45"] == 50.0  # 30 s gap < 45 s: still watched
+    after_long_gap = watch_after(state, 200.0, {10})
+    assert after_long_gap["since:45"] == 200.0
+
+
+def test_a_task_waiting_for_a_free_worker_is_looked_at_less_and_less_often():
+    from sagas.engine.reaper import ReapReport, _next_look
+
+    jid = "saga-t1-one-a1"
+    looks = []
+    for waited in (0, 30, 120, 600, 3600):
+        plan = plan_for(linear(), "pending", one={"status": "pending", "job_id": jid})
+        plan.task.updated_at = NOW - timedelta(seconds=waited)
+        wake = _next_look(plan, {jid: rescue.ALIVE}, TIMING, ReapReport())
+        assert wake is not None
+        looks.append((wake - NOW).total_seconds())
+    assert looks == [10.0, 30.0, 120.0, 600.0, 900.0]  # capped at SAGAS_STUCK_AFTER
+    later = NOW + timedelta(minutes=5)
+    waiting = plan_for(
+        linear(),
+        "waiting_retry",
+        one={
+            "status": "waiting_retry",
+            "next_attempt_at": later,
+            "job_id": "saga-t1-one-a2",
+            "attempt_count": 1,
+        },
+    )
+    assert (
+        _next_look(waiting, {"saga-t1-one-a2": rescue.STUCK_SCHEDULED}, TIMING, ReapReport())
+        == later + TIMING.grace
+    )
