@@ -69,26 +69,31 @@ def cancel(plan: Plan, actor: Any, reason: str, by: str = "operator") -> CancelO
     _cancel_waiting_steps(plan)
     busy = (StepStatus.RUNNING, StepStatus.SUCCEEDED, StepStatus.COMPENSATING)
     if not any(s.status in busy for s in plan.work()):
-        decisions.skip_unstarted(plan)
-        decisions.close_groups(plan, undone=False)
-        if plan.task.status == TaskStatus.RUNNING:
-            # Running with only queued work (a redriven first step, a waiting branch):
-            # "cancelled" is reached through "cancelling", never straight from "running".
-            plan.move_task(TaskStatus.CANCELLING, AuditAction.TRANSITION, actor=actor, **fields)
-        plan.move_task(
-            TaskStatus.CANCELLED,
-            AuditAction.CANCELLED,
-            actor=actor,
-            **fields,
-            finished_at=plan.now,
-            cancelled_at=plan.now,
-        )
+        _cancel_at_once(plan, actor, fields)
         return CancelOutcome("cancelled", plan.task.status, 202)
     plan.move_task(TaskStatus.CANCELLING, AuditAction.TRANSITION, actor=actor, **fields)
     if any(s.status == StepStatus.RUNNING for s in plan.work()):
         plan.signal_task()
     decisions.compensate_next(plan)  # waits for a running step, if there is one
     return CancelOutcome("cancelled", plan.task.status, 202)
+
+
+def _cancel_at_once(plan: Plan, actor: Any, fields: dict[str, Any]) -> None:
+    """Nothing runs and nothing is to undo: the task ends cancelled now."""
+    decisions.skip_unstarted(plan)
+    decisions.close_groups(plan, undone=False)
+    if plan.task.status == TaskStatus.RUNNING:
+        # Running with only queued work (a redriven first step, a waiting branch):
+        # "cancelled" is reached through "cancelling", never straight from "running".
+        plan.move_task(TaskStatus.CANCELLING, AuditAction.TRANSITION, actor=actor, **fields)
+    plan.move_task(
+        TaskStatus.CANCELLED,
+        AuditAction.CANCELLED,
+        actor=actor,
+        **fields,
+        finished_at=plan.now,
+        cancelled_at=plan.now,
+    )
 
 
 def _cancel_waiting_steps(plan: Plan) -> None:

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 from django.db.models.functions import Now
+from django.utils import timezone
 
 from sagas.definitions import registry
 from sagas.engine.connection import queue, redis
@@ -444,3 +445,106 @@ def test_a_worker_without_the_code_leaves_a_lost_attempt_to_one_that_has_it(monk
     assert report is not None and report.lost_attempts == [silent.pk]
     silent.step.task.refresh_from_db()
     assert silent.step.task.status == "dead_lettered"
+
+
+def test_the_deadline_job_carries_the_task_and_keeps_no_result():
+    task, _ = start("deadline", {})
+    job = queue().fetch_job(f"deadline-{task.pk}")
+    assert job is not None
+    assert (job.func_name, job.args, job.result_ttl) == (
+        "sagas.engine.deadlines.enforce",
+        (str(task.pk),),
+        0,
+    )
+
+
+def test_the_reaper_stops_an_attempt_that_ignored_its_cancel_on_the_worker_that_runs_it(
+    settings,
+):
+    settings.SAGAS_CANCEL_GRACE = 0
+    settings.SAGAS_REAPER_GRACE = 0
+    task, _ = start("chaos", {})
+    forget_all_jobs()
+    transition(task, TaskStatus.RUNNING)
+    reserve = task.steps.get(name="reserve")
+    transition_step(reserve, StepStatus.RUNNING, fields={"attempt_count": 1})
+    StepAttempt.objects.create(
+        step=reserve,
+        kind="action",
+        number=1,
+        lock_token="t",
+        worker="worker-3",
+        job_id="saga-x-reserve-a1",
+        heartbeat_at=Now(),
+        heartbeat_expires_at=Now() + timedelta(seconds=30),
+    )
+    assert cancel(task.pk).status == "cancelling"
+    pubsub = redis().pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("rq:pubsub:worker-3")
+    try:
+        report = reap(now=timezone.now() + timedelta(seconds=1), force=True)
+        assert report is not None and report.stopped_jobs == 1
+        message = next((m for _ in range(50) if (m := pubsub.get_message(timeout=0.1))), None)
+        assert message is not None
+        assert json.loads(message["data"]) == {"command": "stop-job", "job_id": "saga-x-reserve-a1"}
+    finally:
+        pubsub.close()
+
+
+def test_a_dead_holder_without_a_recorded_lock_frees_its_tasks_lock():
+    from sagas.engine.executor import settle_dead_attempt
+
+    silent = silent_attempt("chaos", timedelta(seconds=60))
+    StepAttempt.objects.filter(pk=silent.pk).update(lock_key="")  # an older row
+    lock = TaskLock(redis(), silent.step.task_id, expiry_s=60)
+    redis().set(lock.key, "t", px=60_000)  # held with the attempt's token
+    silent.refresh_from_db()
+    assert settle_dead_attempt(silent, Outcome(AttemptOutcome.LOST, error="lost"))
+    assert redis().get(lock.key) is None
+
+
+def test_the_follow_up_comes_at_half_the_expiry_and_once_per_half(settings):
+    from sagas.engine import reaper
+
+    reaper._follow_up(10)
+    scheduled = queue().scheduled_job_registry
+    (jid,) = scheduled.get_job_ids()
+    job = queue().fetch_job(jid)
+    assert job is not None and job.kwargs == {"follow_up": True}
+    assert (job.result_ttl, job.timeout) == (0, 600)
+    due = scheduled.get_scheduled_time(jid).timestamp()
+    assert 4 <= due - time.time() <= 6.1
+    ttl = redis().pttl(reaper.FOLLOW_UP_KEY)
+    assert 4000 <= ttl <= 5000  # it expires with the half expiry
+    reaper._follow_up(10)
+    assert len(scheduled.get_job_ids()) == 1
+    reaper._follow_up(1)  # never sooner than a second
+    assert 0 < redis().pttl(reaper.FOLLOW_UP_KEY) <= 5000
+
+
+def test_a_follow_up_that_finds_the_turn_busy_comes_back():
+    from sagas.engine import reaper
+
+    busy = reaper._turn()
+    assert busy.acquire()
+    reaper.reaper_pass(follow_up=True)
+    (jid,) = queue().scheduled_job_registry.get_job_ids()
+    job = queue().fetch_job(jid)
+    assert job is not None and job.kwargs == {"follow_up": True}
+    forget_all_jobs()
+    reaper.reaper_pass()  # an ordinary pass just leaves it to the one running
+    assert queue().scheduled_job_registry.get_job_ids() == []
+    busy.release()
+
+
+def test_the_code_hand_back_window_and_an_attempt_without_beats(settings):
+    from sagas.engine import reaper
+
+    settings.SAGAS_CODE_REQUEUES = 6
+    assert reaper.code_wait_s() == (1 + 2 + 4 + 8 + 16 + 30) + 6
+    settings.SAGAS_CODE_REQUEUES = 0
+    assert reaper.code_wait_s() == 0
+    never_beat = StepAttempt(heartbeat_at=None, heartbeat_expires_at=timezone.now())
+    assert reaper._lease(never_beat) == reaper.UNKNOWN_SAGA_EXPIRY_S
+    no_lease = StepAttempt(heartbeat_at=timezone.now(), heartbeat_expires_at=None)
+    assert reaper._lease(no_lease) == reaper.UNKNOWN_SAGA_EXPIRY_S

@@ -908,3 +908,197 @@ def test_a_task_waiting_for_a_free_worker_is_looked_at_less_and_less_often():
         _next_look(waiting, {"saga-t1-one-a2": rescue.STUCK_SCHEDULED}, TIMING, ReapReport())
         == later + TIMING.grace
     )
+
+
+# --- details the audit trail and the reaper rely on ------------------------------------------
+
+
+def test_a_failed_task_stops_what_still_runs_and_keeps_its_error():
+    saga = Saga("fails", lock_expiry_s=10)
+    saga.step(name="a", retry=RetryPolicy(max_retries=0, on_exhausted="fail"))(noop)
+    fan = saga.parallel("fan", mode="all", after=[])
+    fan.branch(name="slow")(noop)
+    plan = plan_for(
+        saga,
+        a={"status": "running", "attempt_count": 1},
+        fan={"status": "running"},
+        slow={"status": "running", "running": running()},
+    )
+    decisions.action_ended(plan, plan.step("a"), Outcome("failed", error="x" * 3000))
+    assert of(plan, SignalTask)
+    assert plan.step("fan").status == StepStatus.FAILED  # a stopped group, not "undone"
+    move = of(plan, MoveTask)[-1]
+    assert (move.to, move.fields["finished_at"]) == ("failed", NOW)
+    assert move.fields["error_summary"] == ("a: " + "x" * 3000)[:2000]
+    quiet = plan_for(linear(), one={"status": "failed", "attempt_count": 1})
+    decisions.fail(quiet, "one: no")
+    assert not of(quiet, SignalTask)  # nothing ran beside it
+
+
+def test_a_stop_names_exactly_the_attempt_and_where_it_runs():
+    plan = plan_for(linear())
+    attempt = AttemptRow(7, "action", 3, worker="w9", job_id="saga-t1-one-a3")
+    plan.stop_attempt(plan.step("one"), attempt)
+    assert of(plan, StopAttempt) == [StopAttempt("one", "action", 3, "w9", "saga-t1-one-a3")]
+
+
+def test_a_race_follows_the_branch_that_settled_first():
+    plan = plan_for(
+        grouped("race"),
+        first={"status": "succeeded"},
+        fan={"status": "running"},
+        left={"status": "running", "attempt_count": 1},
+        right={"status": "running", "running": running(2)},
+    )
+    decisions.action_ended(plan, plan.step("left"), Outcome("failed", error="E: no"))
+    assert plan.step("fan").status == StepStatus.FAILED
+    assert task_moves(plan) == ["compensating"]
+
+
+def test_a_branch_that_times_out_after_its_group_decided_is_let_go():
+    plan = plan_for(
+        grouped("any"),
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "pending"},
+        last={"status": "succeeded"},
+    )
+    decisions.give_up_before_start(plan, plan.step("right"), "too late")
+    assert task_moves(plan) == ["completed"]
+
+
+def test_a_compensation_without_code_fails_for_good_with_a_clear_record():
+    plan = plan_for(linear(), "cancelling", one={"status": "succeeded"})
+    decisions.code_missing_for_good(plan, plan.step("one"), AttemptKind.COMPENSATION)
+    entry = next(e for e in of(plan, Audit) if e.action == "compensation_failed")
+    assert entry.details["stack_trace"] == ""
+    assert "no longer exists in the deployed code" in entry.details["error"]
+
+
+def test_redrive_and_retry_compensation_say_what_they_did():
+    parked = plan_for(
+        dead_letter_first(),
+        "dead_lettered",
+        a={"status": "failed", "attempt_count": 2, "finished_at": NOW},
+        b={"status": "succeeded"},
+    )
+    parked.task.deadline_at = None
+    requests.redrive(parked, "ops", "fixed a", ["a"])
+    a = parked.step("a")
+    assert (a.status, a.finished_at, a.attempt_budget_base) == ("pending", None, 2)
+    move = of(parked, MoveTask)[0]
+    assert (move.to, move.action, move.actor, move.step) == ("running", "redriven", "ops", "a")
+    assert move.details == {"reason": "fixed a", "step": "a", "steps": ["a"], "next_attempt": 3}
+    assert move.fields["error_summary"] == ""
+    undo = plan_for(
+        linear(),
+        "compensation_failed",
+        one={
+            "status": "compensation_failed",
+            "compensation_attempt_count": 2,
+            "next_attempt_at": NOW,
+        },
+    )
+    undo.task.compensation_reason = "failure"
+    requests.retry_compensation(undo, "ops", "bucket is back")
+    assert undo.step("one").next_attempt_at is None
+    move = of(undo, MoveTask)[0]
+    assert (move.to, move.action, move.details) == (
+        "compensating",
+        "compensation_retried",
+        {"reason": "bucket is back", "steps": ["one"]},
+    )
+    assert move.fields["finished_at"] is None
+
+
+def test_an_operation_that_does_not_apply_says_which_and_why():
+    with pytest.raises(requests.NotAllowed) as refused:
+        requests.redrive(plan_for(linear(), "completed"), None, "x", None)
+    assert (str(refused.value), refused.value.operation, refused.value.status) == (
+        "redrive",
+        "redrive",
+        "completed",
+    )
+    assert refused.value.allowed == ("dead_lettered",)
+    with pytest.raises(requests.NotAllowed) as refused:
+        requests.retry_compensation(plan_for(linear(), "running"), None, "x")
+    assert refused.value.operation == "retry the compensation of"
+    with pytest.raises(requests.NotAllowed) as refused:
+        requests.resolve(plan_for(linear(), "running"), None, "x")
+    assert refused.value.operation == "resolve"
+
+
+def test_only_failures_that_block_the_task_are_redriven():
+    plan = plan_for(
+        grouped("all_settled"),
+        "dead_lettered",
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "failed"},
+        right={"status": "succeeded"},
+        last={"status": "failed", "attempt_count": 1},
+    )
+    requests.redrive(plan, None, "fixed", None)
+    assert [s for s, _, _ in scheduled(plan)] == ["last"]  # left's failure was a result
+
+
+def test_groups_that_settled_while_parked_all_join_each_by_its_last_branch():
+    saga = Saga("two-groups", lock_expiry_s=10)
+    saga.step(name="a", retry=RetryPolicy(max_retries=0, on_exhausted="dead_letter"))(noop)
+    for group_name in ("g1", "g2"):
+        group = saga.parallel(group_name, mode="any", after=[])
+        for name in (f"{group_name}x", f"{group_name}y"):
+            group.branch(name=name)(noop).compensate(noop)
+    early, late = NOW - timedelta(seconds=9), NOW - timedelta(seconds=1)
+    plan = plan_for(
+        saga,
+        "dead_lettered",
+        a={"status": "failed", "attempt_count": 1},
+        g1={"status": "running"},
+        g2={"status": "running"},
+        g1x={"status": "failed", "finished_at": early, "error": "E: x"},
+        g1y={"status": "succeeded", "finished_at": late},
+        g2x={"status": "succeeded", "finished_at": early},
+        g2y={"status": "succeeded", "finished_at": None},
+    )
+    requests.redrive(plan, None, "fixed", ["a"])
+    assert [s for s, _, _ in scheduled(plan)] == ["a"]  # g1x's failure was a result
+    assert plan.step("g1").status == StepStatus.SUCCEEDED
+    assert plan.step("g2").status == StepStatus.SUCCEEDED
+
+
+def test_a_saga_deadline_is_no_wake_up_for_tasks_it_no_longer_applies_to():
+    deadline = NOW + timedelta(hours=1)
+    for status in ("dead_lettered", "compensating"):
+        plan = plan_for(linear(), status, one={"status": "running", "running": running()})
+        plan.task.deadline_at = deadline
+        assert rescue.wake_time(plan, TIMING) != deadline
+    done = plan_for(
+        grouped("any"),
+        first={"status": "succeeded"},
+        fan={"status": "succeeded"},
+        left={"status": "succeeded"},
+        right={"status": "running", "running": running()},
+        last={"status": "succeeded"},
+    )
+    done.task.deadline_at = deadline
+    assert rescue.wake_time(done, TIMING) != deadline
+
+
+def test_resolve_records_who_closed_the_task_and_why():
+    plan = plan_for(linear(), "failed", one={"status": "failed"}, two={"status": "pending"})
+    requests.resolve(plan, "ops", "refunded by hand")
+    move = of(plan, MoveTask)[-1]
+    assert (move.to, move.action, move.actor, move.details) == (
+        "resolved",
+        "resolved",
+        "ops",
+        {"note": "refunded by hand"},
+    )
+    assert move.fields == {
+        "resolved_by": "ops",
+        "resolution_note": "refunded by hand",
+        "finished_at": NOW,
+    }
+    assert plan.step("two").status == StepStatus.SKIPPED
