@@ -8,6 +8,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.db.models import F
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -223,15 +224,42 @@ def silent_attempt(saga: str, silent_for: timedelta) -> StepAttempt:
     )
 
 
-def test_a_long_lock_expiry_is_not_judged_by_the_shortest_in_the_registry():
+def admitted(saga_name: str):
+    """An attempt admitted by the executor, as a worker starts it (its row, its lease)."""
+    from sagas.engine import executor
+    from sagas.engine.logs import engine_logger
+
+    task, _ = start(saga_name, {})
+    forget_all_jobs()
+    saga = registry.get(saga_name)
+    step = saga.steps[0]
+    delivery = executor.Delivery(str(task.pk), step.name, "action", 1, "job-1", "w")
+    lock = TaskLock(redis(), task.pk, saga.lock_expiry_s)
+    started = executor._admit(delivery, saga, step, lock, engine_logger(task))
+    assert started is not None
+    return started
+
+
+def test_each_attempt_beats_against_its_own_sagas_lock_expiry():
     assert registry.get("chaos").lock_expiry_s == 10  # the shortest
     assert registry.get("shrinking").lock_expiry_s == 60
-    patient = silent_attempt("shrinking", timedelta(seconds=20))
+    short, patient = admitted("chaos"), admitted("shrinking")
+    from sagas.engine.executor import _keep_alive
+
+    for started, lease in ((short, 10), (patient, 60)):
+        _keep_alive(started)  # a heartbeat renews the lease from the database's clock
+        row = StepAttempt.objects.get(pk=started.attempt.pk)
+        assert row.heartbeat_at is not None and row.heartbeat_expires_at is not None
+        assert (row.heartbeat_expires_at - row.heartbeat_at).total_seconds() == lease
+    # Both fall silent for 20 s: past the short lease, well within the long one.
+    StepAttempt.objects.filter(pk__in=[short.attempt.pk, patient.attempt.pk]).update(
+        heartbeat_at=F("heartbeat_at") - timedelta(seconds=20),
+        heartbeat_expires_at=F("heartbeat_expires_at") - timedelta(seconds=20),
+    )
     reaper_watching()
     report = reap(force=True)
-    assert report is not None and report.lost_attempts == []
-    patient.refresh_from_db()
-    assert patient.outcome == "running"
+    assert report is not None and report.lost_attempts == [short.attempt.pk]
+    assert StepAttempt.objects.get(pk=patient.attempt.pk).outcome == "running"
 
 
 def test_a_silent_attempt_is_lost_once_its_expiry_has_been_watched():
