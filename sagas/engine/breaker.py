@@ -52,10 +52,6 @@ def admit(
     return Admission(False, retry_at=now + policy.open_seconds)
 
 
-def opens_after_failure(failures: int, trial: bool, policy: CircuitBreakerPolicy) -> bool:
-    return trial or failures >= policy.failure_threshold
-
-
 _RECORD_FAILURE = """
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 if ARGV[1] == '1' or failures >= tonumber(ARGV[2]) then

@@ -594,7 +594,7 @@ def retry_compensation_later(plan: Plan, step: StepRow, policy: RetryPolicy, err
     used = step.compensation_attempt_count - step.compensation_budget_base
     delay_ms = backoff_delay_ms(policy, used, rand=plan.rand)
     at = plan.now + timedelta(milliseconds=delay_ms)
-    plan.update_step(step, next_attempt_at=at, compensation_error=error)
+    plan.update_step(step, compensation_error=error)  # schedule() records the due time
     schedule_retry(plan, step, AttemptKind.COMPENSATION, delay_ms, at, error)
 
 

@@ -112,6 +112,7 @@ def test_compensation_failed_posts_the_webhook_once(settings):
 
     class Hook(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
+            assert self.headers["Content-Type"] == "application/json"
             received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(204)
             self.end_headers()
@@ -133,3 +134,11 @@ def test_compensation_failed_posts_the_webhook_once(settings):
     assert received[0]["event"] == "compensation_failed"
     assert received[0]["task_id"] == str(task.pk)
     assert [s["name"] for s in received[0]["steps"]] == ["reserve"]
+
+
+def test_each_task_tells_only_of_its_own_failed_undos(fired):
+    first, _ = start("chaos", {"fail": {"ship": -1}, "fail_compensation": {"reserve": -1}})
+    assert run_to_end(first).status == "compensation_failed"
+    second, _ = start("chaos", {"fail": {"ship": -1}, "fail_compensation": {"charge": -1}})
+    assert run_to_end(second).status == "compensation_failed"
+    assert fired == [(first.pk, ["reserve"]), (second.pk, ["charge"])]

@@ -16,6 +16,7 @@ from sagas.engine.plan import (
     Audit,
     IllegalMove,
     MoveTask,
+    NotifyCompensationFailed,
     Plan,
     PromoteJob,
     Schedule,
@@ -1102,3 +1103,56 @@ def test_resolve_records_who_closed_the_task_and_why():
         "finished_at": NOW,
     }
     assert plan.step("two").status == StepStatus.SKIPPED
+
+
+def test_every_end_records_when_it_ended():
+    done = plan_for(
+        linear(),
+        one={"status": "succeeded"},
+        two={"status": "succeeded"},
+        three={"status": "succeeded"},
+    )
+    decisions.advance(done)
+    end = of(done, MoveTask)[-1]
+    assert (end.to, end.fields) == ("completed", {"finished_at": NOW, "current_step": ""})
+    for reason, to, fields in (
+        ("cancel", "cancelled", {"finished_at": NOW, "cancelled_at": NOW}),
+        ("failure", "compensated", {"finished_at": NOW}),
+    ):
+        status = "cancelling" if reason == "cancel" else "compensating"
+        plan = plan_for(linear(), status, one={"status": "compensated"})
+        plan.task.compensation_reason = reason
+        decisions.compensate_next(plan)
+        end = of(plan, MoveTask)[-1]
+        assert (end.to, end.fields) == (to, fields)
+    failed = plan_for(linear(), "compensating", one={"status": "compensation_failed"})
+    decisions.compensate_next(failed)
+    end = of(failed, MoveTask)[-1]
+    assert (end.to, end.fields) == ("compensation_failed", {"finished_at": NOW})
+    assert of(failed, NotifyCompensationFailed)
+
+
+def test_a_cancel_records_who_asked_and_stops_waiting_retries_at_once():
+    plan = plan_for(
+        linear(),
+        "waiting_retry",
+        one={"status": "succeeded"},
+        two={"status": "waiting_retry", "next_attempt_at": NOW},
+    )
+    requests.cancel(plan, "ops", "customer called")
+    two = plan.step("two")
+    assert (two.status, two.finished_at, two.next_attempt_at) == ("cancelled", NOW, None)
+    move = of(plan, MoveTask)[0]
+    assert (move.to, move.actor) == ("cancelling", "ops")
+    assert move.fields == {
+        "cancel_requested_at": NOW,
+        "cancelled_by": "ops",
+        "cancel_reason": "customer called",
+        "compensation_reason": "cancel",
+        "undo_started_at": NOW,
+    }
+    assert next((e.action, e.actor, e.details) for e in of(plan, Audit)) == (
+        "cancel_requested",
+        "ops",
+        {"reason": "customer called", "by": "operator", "from_status": "waiting_retry"},
+    )
