@@ -112,7 +112,14 @@ class TaskInstance(models.Model):
                 name="task_wake_idx",
             ),
         ]
-        permissions = [("cancel_taskinstance", "Can cancel a running task")]
+        # The console's action permissions (design: Console). `view_*` lets one see.
+        permissions = [
+            ("cancel_taskinstance", "Can cancel a running task"),
+            ("resolve_taskinstance", "Can resolve a task or retry its compensation"),
+            ("redrive_taskinstance", "Can redrive a dead-lettered task"),
+            ("reset_breaker", "Can reset a circuit breaker"),
+            ("release_lock", "Can release a stale task lock"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.saga} {self.id} ({self.status})"
