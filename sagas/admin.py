@@ -1,20 +1,41 @@
-"""Read-only operator console over tasks, steps, attempts and the audit trail."""
+"""The operator console on the Django admin: tasks (list, page, actions) and the audit
+trail. Every change goes through ``sagas.services``, checked against a model permission."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
+from functools import cached_property, partial
 from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
-from django.db.models import ForeignKey, QuerySet
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import ForeignKey, OuterRef, QuerySet, Subquery
 from django.forms import ModelChoiceField, ModelForm
-from django.http import HttpRequest
-from django.utils.html import format_html, format_html_join
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
+from django.shortcuts import render
+from django.template.loader import render_to_string
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from sagas import overview, services, task_page
 from sagas.definitions import registry
-from sagas.models import ApiToken, AuditEntry, StepAttempt, StepRecord, TaskInstance
+from sagas.models import ApiToken, AuditEntry, StepRecord, TaskInstance
+from sagas.states import ACTIVE_TASK_STATUSES, AuditAction, StepStatus
+from sagas.templatetags.sagas_console import clock
+from sagas.views import operator_actions
+
+HTMX_STOP_POLLING = 286
 
 admin.site.site_header = "Saga operations console"
 admin.site.site_title = "Saga operations"
@@ -34,54 +55,20 @@ class ReadOnlyMixin:
         return False
 
 
-class TaskChildInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
-    """Rows that belong to a task are visible to whoever may view the task."""
+class CappedPaginator(Paginator):  # type: ignore[type-arg]
+    """Counts at most ``COUNT_CAP`` + 1 rows: an exact total over millions of tasks costs a
+    scan for a number nobody reads; the page says "10,000+" instead."""
 
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = False
+    COUNT_CAP = 10_000
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("sagas.view_taskinstance")
+    @cached_property
+    def count(self) -> int:
+        rows: Any = self.object_list
+        return int(rows.order_by()[: self.COUNT_CAP + 1].count())
 
-
-class StepRecordInline(TaskChildInline):
-    model = StepRecord
-    fields = readonly_fields = (
-        "index",
-        "name",
-        "status",
-        "critical",
-        "attempt_count",
-        "compensation_attempt_count",
-        "progress",
-        "error",
-        "compensation_error",
-        "started_at",
-        "finished_at",
-        "next_attempt_at",
-    )
-    ordering = ("index",)
-
-
-class AuditEntryInline(TaskChildInline):
-    model = AuditEntry
-    fk_name = "task"
-    verbose_name_plural = "audit trail"
-    fields = readonly_fields = (
-        "created_at",
-        "actor_name",
-        "action",
-        "step",
-        "from_status",
-        "to_status",
-        "details",
-    )
-    ordering = ("created_at", "id")
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[AuditEntry]:
-        return super().get_queryset(request).select_related("step")
+    @property
+    def capped(self) -> bool:
+        return self.count > self.COUNT_CAP
 
 
 class SagaFilter(admin.SimpleListFilter):
@@ -97,114 +84,106 @@ class SagaFilter(admin.SimpleListFilter):
         return queryset.filter(saga=self.value()) if self.value() else queryset
 
 
+class AttentionFilter(admin.SimpleListFilter):
+    """Tasks that wait for an operator, or that are stuck (the design's one definition)."""
+
+    title = "needs attention"
+    parameter_name = "attention"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("parked", "Parked (compensation failed, dead-lettered)"), ("stuck", "Stuck")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "parked":
+            return queryset.filter(status__in=overview.ATTENTION_STATUSES)
+        if self.value() == "stuck":
+            return queryset.filter(pk__in=overview.stuck_task_ids())
+        return queryset
+
+
+class FailingStepFilter(admin.SimpleListFilter):
+    """The inbox's group link: parked tasks whose named step (or its undo) failed."""
+
+    title = "failing step"
+    parameter_name = "failing_step"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        value = self.value()
+        return [(value, value)] if value else []
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if not self.value():
+            return queryset
+        failed = (StepStatus.FAILED, StepStatus.COMPENSATION_FAILED)
+        return queryset.filter(
+            pk__in=StepRecord.objects.filter(name=self.value(), status__in=failed).values("task")
+        )
+
+
+class CreatedFilter(admin.SimpleListFilter):
+    """Created within a recent window (an index range on ``created_at``)."""
+
+    title = "created"
+    parameter_name = "created"
+    WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("1h", "Last hour"), ("24h", "Last 24 hours"), ("7d", "Last 7 days")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        window = self.WINDOWS.get(self.value() or "")
+        return queryset.filter(created_at__gte=timezone.now() - window) if window else queryset
+
+
+RUNNING_PROGRESS = Subquery(
+    StepRecord.objects.filter(task=OuterRef("pk"), status=StepStatus.RUNNING, is_group=False)
+    .order_by("index")
+    .values("progress")[:1]
+)
+
+
 @admin.register(TaskInstance)
 class TaskInstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
         "short_id",
         "saga",
-        "status",
-        "current_step",
-        "business_key",
-        "created_at",
-        "finished_at",
-    )
-    list_filter = ("status", SagaFilter)
-    # Exact matches only, so each search is an index lookup even on millions of tasks.
-    search_fields = ("business_key__exact", "correlation_id__exact")
-    search_help_text = "Task id, business key or correlation id (exact)."
-    show_full_result_count = False
-    list_per_page = 50
-    ordering = ("-created_at", "-id")
-    inlines = (StepRecordInline, AuditEntryInline)
-    fieldsets = (
-        (None, {"fields": ("id", "saga", "status", "current_step", "error_summary")}),
-        ("Keys", {"fields": ("business_key", "correlation_id", "trace_id", "version")}),
-        ("Input", {"fields": ("input",)}),
-        (
-            "Timeline",
-            {
-                "fields": (
-                    "created_at",
-                    "started_at",
-                    "finished_at",
-                    "cancel_requested_at",
-                    "cancelled_at",
-                )
-            },
-        ),
-        (
-            "Operator actions",
-            {
-                "fields": (
-                    "compensation_reason",
-                    "cancelled_by",
-                    "cancel_reason",
-                    "resolved_by",
-                    "resolution_note",
-                )
-            },
-        ),
-        ("Attempts", {"fields": ("attempts",)}),
-    )
-    readonly_fields = (
-        "id",
-        "saga",
-        "status",
-        "current_step",
-        "error_summary",
+        "live_status",
         "business_key",
         "correlation_id",
-        "trace_id",
-        "version",
-        "input",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "cancel_requested_at",
-        "cancelled_at",
-        "compensation_reason",
-        "cancelled_by",
-        "cancel_reason",
-        "resolved_by",
-        "resolution_note",
-        "attempts",
+        "created",
+        "finished",
     )
+    list_display_links = ("short_id",)
+    list_filter = ("status", SagaFilter, AttentionFilter, CreatedFilter, FailingStepFilter)
+    # Exact matches only, so each search is an index lookup even on millions of tasks.
+    search_fields = ("business_key__exact", "correlation_id__exact", "trace_id__exact")
+    search_help_text = "Exact task id, business key, correlation id or trace id."
+    show_full_result_count = False
+    paginator = CappedPaginator
+    list_per_page = 50
+    ordering = ("-created_at", "-id")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TaskInstance]:
+        tasks: QuerySet[TaskInstance] = super().get_queryset(request)
+        return tasks.annotate(running_progress=RUNNING_PROGRESS)
 
     @admin.display(description="id", ordering="id")
     def short_id(self, task: TaskInstance) -> str:
         return str(task.pk)[:8]
 
-    @admin.display(description="attempts (why did this run twice?)")
-    def attempts(self, task: TaskInstance) -> SafeString:
-        rows = (
-            StepAttempt.objects.filter(step__task=task)
-            .select_related("step")
-            .order_by("step__index", "kind", "number")
-        )
-        body = format_html_join(
-            "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
-            "<td>{}</td><td>{}</td></tr>",
-            (
-                (
-                    a.step.name,
-                    a.kind,
-                    a.number,
-                    a.outcome,
-                    a.worker,
-                    a.started_at,
-                    a.finished_at or "",
-                    a.error,
-                )
-                for a in rows
-            ),
-        )
-        return format_html(
-            "<table><thead><tr><th>step</th><th>kind</th><th>#</th><th>outcome</th>"
-            "<th>worker</th><th>started</th><th>finished</th><th>error</th></tr></thead>"
-            "<tbody>{}</tbody></table>",
-            body or format_html('<tr><td colspan="8">{}</td></tr>', "No attempt yet."),
-        )
+    @admin.display(description="status · current step", ordering="status")
+    def live_status(self, task: TaskInstance) -> str:
+        """Status, current step and progress; re-fetched every 2 s while the task is active."""
+        progress = getattr(task, "running_progress", None)
+        return render_to_string("sagas/_task_progress.html", _progress_context(task, progress))
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, task: TaskInstance) -> str:
+        return clock(task.created_at)
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished(self, task: TaskInstance) -> str:
+        return clock(task.finished_at)
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[TaskInstance], search_term: str
@@ -214,6 +193,107 @@ class TaskInstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
             return queryset.filter(pk=task_id), False
         return super().get_search_results(request, queryset, search_term.strip())
 
+    def get_urls(self) -> list[URLPattern]:
+        wrap = self.admin_site.admin_view
+        task_views = [
+            path("<path:object_id>/progress/", wrap(self.progress_view), name="sagas_task_progress")
+        ]
+        for slug in services.OPERATOR_ACTIONS:
+            view = partial(self.action_view, slug=slug)
+            name = _action_url_name(slug)
+            task_views.append(path(f"<path:object_id>/{slug}/", wrap(view), name=name))
+        return task_views + super().get_urls()
+
+    # --- the task page ----------------------------------------------------------------
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        """Read-only: header, what happens next, timeline, attempts and audit trail; the
+        live part is re-fetched by htmx until the task is finished."""
+        if request.method not in ("GET", "HEAD"):
+            raise PermissionDenied  # nothing on a task is edited; actions have their own URLs
+        page = self._page_or_404(request, object_id)
+        if getattr(request, "htmx", False):
+            response = render(request, "sagas/_task_live.html", self._context(request, page))
+            return _stop_polling_when_finished(response, page)
+        return render(request, "sagas/task_detail.html", self._context(request, page))
+
+    def progress_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The task list's live cell for one task."""
+        page = self._page_or_404(request, object_id)
+        context = _progress_context(page.task, page.progress)
+        response = render(request, "sagas/_task_progress.html", context)
+        return _stop_polling_when_finished(response, page)
+
+    def history_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """A task's history is its audit trail, not Django's (empty) change log."""
+        self._page_or_404(request, object_id)
+        url = reverse("admin:sagas_auditentry_changelist")
+        return HttpResponseRedirect(f"{url}?task__id__exact={object_id}")
+
+    def _page_or_404(self, request: HttpRequest, object_id: str) -> task_page.TaskPage:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        task_id = _as_uuid(object_id)
+        page = task_page.build(task_id) if task_id else None
+        if page is None:
+            raise Http404(f"No task {object_id}")
+        return page
+
+    def _context(self, request: HttpRequest, page: task_page.TaskPage) -> dict[str, Any]:
+        return {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"{page.task.saga} {page.task.pk}",
+            "page": page,
+            "task": page.task,
+            "actions_available": [
+                (action, reverse(f"admin:{_action_url_name(action.slug)}", args=[page.task.pk]))
+                for action in services.available_actions(page.task, request.user)
+            ],
+            "can_cancel": request.user.has_perm("sagas.cancel_taskinstance"),
+        }
+
+    # --- operator actions ---------------------------------------------------------------
+
+    def action_view(self, request: HttpRequest, object_id: str, slug: str) -> HttpResponse:
+        """Cancel, resolve, retry compensation or redrive: decided under the task's row lock
+        at click time; the admin message says what happened or why nothing did."""
+        action = services.OPERATOR_ACTIONS[slug]
+        if not request.user.has_perm(action.permission):
+            raise PermissionDenied
+        page = self._page_or_404(request, object_id)
+        if slug == "cancel" and request.method == "GET":
+            context = self._context(request, page) | {"title": f"Cancel {page.task.saga} task?"}
+            return render(request, "sagas/task_cancel_confirm.html", context)
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        level, message = operator_actions.perform(slug, page.task, request.user, request.POST)
+        messages.add_message(request, level, message)
+        return HttpResponseRedirect(reverse("admin:sagas_taskinstance_change", args=[page.task.pk]))
+
+
+def _action_url_name(slug: str) -> str:
+    return f"sagas_task_{slug.replace('-', '_')}"
+
+
+def _progress_context(task: TaskInstance, progress: int | None) -> dict[str, Any]:
+    return {"task": task, "progress": progress, "active": task.status in ACTIVE_TASK_STATUSES}
+
+
+def _stop_polling_when_finished(response: HttpResponse, page: task_page.TaskPage) -> HttpResponse:
+    """htmx stops polling on status 286: a finished task does not change any more."""
+    if not page.active:
+        response.status_code = HTMX_STOP_POLLING
+    return response
+
 
 def _as_uuid(text: str) -> uuid.UUID | None:
     try:
@@ -222,32 +302,80 @@ def _as_uuid(text: str) -> uuid.UUID | None:
         return None
 
 
+class ActionFilter(admin.SimpleListFilter):
+    """Audit actions come from the code: no DISTINCT over millions of audit entries."""
+
+    title = "action"
+    parameter_name = "action"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(a.value, a.value) for a in AuditAction]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(action=self.value()) if self.value() else queryset
+
+
 @admin.register(AuditEntry)
 class AuditEntryAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = (
-        "created_at",
-        "actor_name",
-        "action",
-        "task",
-        "step",
-        "from_status",
-        "to_status",
-    )
-    list_filter = ("action",)
+    """The whole audit trail, newest first; a task's page shows its latest entries."""
+
+    list_display = ("when", "actor_name", "action", "task_link", "step_name", "change", "summary")
+    list_filter = (ActionFilter,)
     list_select_related = ("task", "step")
     show_full_result_count = False
+    paginator = CappedPaginator
     ordering = ("-id",)
-    readonly_fields = (
-        "task",
-        "step",
-        "actor",
+    fields = readonly_fields = (
+        "when",
         "actor_name",
         "action",
-        "from_status",
-        "to_status",
-        "details",
-        "created_at",
+        "task_link",
+        "step_name",
+        "change",
+        "pretty_details",
     )
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        # A task's "History" link filters the trail by task id.
+        return lookup == "task__id__exact" or super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="when", ordering="created_at")
+    def when(self, entry: AuditEntry) -> str:
+        return clock(entry.created_at)
+
+    @admin.display(description="task")
+    def task_link(self, entry: AuditEntry) -> SafeString | str:
+        if entry.task_id is None:
+            return "-"
+        url = reverse("admin:sagas_taskinstance_change", args=[entry.task_id])
+        return format_html('<a href="{}" class="mono">{}</a>', url, str(entry.task_id)[:8])
+
+    @admin.display(description="step")
+    def step_name(self, entry: AuditEntry) -> str:
+        return entry.step.name if entry.step else ""
+
+    @admin.display(description="status change")
+    def change(self, entry: AuditEntry) -> str:
+        if not (entry.from_status or entry.to_status):
+            return ""
+        return f"{entry.from_status or '-'} → {entry.to_status or '-'}"
+
+    @admin.display(description="details")
+    def summary(self, entry: AuditEntry) -> str:
+        return details_summary(entry.details)
+
+    @admin.display(description="details")
+    def pretty_details(self, entry: AuditEntry) -> SafeString:
+        return render_to_string("sagas/_audit_details.html", {"details": entry.details})
+
+
+def details_summary(details: Any, limit: int = 160) -> str:
+    """One line of an entry's details for lists (stack traces are on the entry's page)."""
+    if not isinstance(details, dict):
+        return str(details)[:limit]
+    parts = [f"{k}: {v}" for k, v in details.items() if k != "stack_trace" and v not in ("", None)]
+    text = "; ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 TOKEN_DETAILS = ("user", "name", "prefix", "created_at", "last_used_at", "revoked_at")

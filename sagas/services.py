@@ -6,6 +6,7 @@ import json
 import secrets
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +16,15 @@ from django.db.models.functions import Now
 
 from sagas import audit
 from sagas.audit import AuditAction
-from sagas.definitions import ParallelGroup, Saga, registry
+from sagas.definitions import CircuitBreakerPolicy, ParallelGroup, Saga, registry
 from sagas.engine import apply, deadlines, decisions, requests
 from sagas.engine.apply import Loaded
+from sagas.engine.breaker import CircuitBreaker
+from sagas.engine.connection import key, redis
+from sagas.engine.locks import release_if_held_by
 from sagas.engine.requests import CancelOutcome
-from sagas.models import AuditEntry, StepRecord, TaskInstance
+from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
+from sagas.states import AttemptOutcome, TaskStatus
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -306,7 +311,135 @@ def request_cancel(task_id: Any, actor: Actor, reason: str, by: str = "operator"
     return apply.decide(task_id, decide)
 
 
-__all__ = ["CancelOutcome", "cancel", "redrive", "resolve", "retry_compensation", "start"]
+@dataclass(frozen=True)
+class OperatorAction:
+    """An operator's action on one task: its URL slug, permission and allowed statuses."""
+
+    slug: str
+    label: str
+    permission: str
+    allowed: tuple[str, ...]
+    note_required: bool
+
+
+OPERATOR_ACTIONS = {
+    a.slug: a
+    for a in (
+        OperatorAction(
+            "cancel", "Cancel", "sagas.cancel_taskinstance", requests.CANCELLABLE, False
+        ),
+        OperatorAction(
+            "resolve", "Resolve", "sagas.resolve_taskinstance", requests.RESOLVABLE, True
+        ),
+        OperatorAction(
+            "retry-compensation",
+            "Retry compensation",
+            "sagas.resolve_taskinstance",
+            (TaskStatus.COMPENSATION_FAILED,),
+            True,
+        ),
+        OperatorAction(
+            "redrive", "Redrive", "sagas.redrive_taskinstance", (TaskStatus.DEAD_LETTERED,), True
+        ),
+    )
+}
+
+
+def available_actions(task: TaskInstance, user: Any) -> list[OperatorAction]:
+    """The actions whose button a user sees on a task: permitted and allowed by its status
+    (and, for cancel, by its saga). Decided again under the row lock when clicked."""
+    saga = registry.get(task.saga) if task.saga in registry else None
+    return [
+        a
+        for a in OPERATOR_ACTIONS.values()
+        if task.status in a.allowed
+        and user.has_perm(a.permission)
+        and not (a.slug == "cancel" and saga is not None and not saga.cancellable)
+    ]
+
+
+def running_steps(task_id: Any) -> list[str]:
+    """Names of the task's steps with an attempt running now."""
+    return list(
+        StepAttempt.objects.filter(step__task_id=task_id, outcome=AttemptOutcome.RUNNING)
+        .order_by("step__index")
+        .values_list("step__name", flat=True)
+        .distinct()
+    )
+
+
+class NothingToDo(Exception):
+    """The operator's request found nothing to change (the reason is the message)."""
+
+
+def reset_breaker(name: str, actor: Actor) -> dict[str, Any]:
+    """Close a circuit breaker by hand; returns the state it had (audited, task-less)."""
+    policy = _declared_or_found_breaker(name)
+    breaker = CircuitBreaker(redis(), policy)
+    before = breaker.state()
+    if before.failures == 0 and not before.open_until:
+        raise NothingToDo(f"breaker {name} is already closed with no failures counted")
+    breaker.reset()
+    details = {"breaker": name, "failures": before.failures, "open_until": before.open_until}
+    audit.record(None, AuditAction.BREAKER_RESET, actor=actor, details=details)
+    return details
+
+
+def _declared_or_found_breaker(name: str) -> Any:
+    for saga_name in registry.names():
+        for step in registry.get(saga_name).steps:
+            if step.breaker is not None and step.breaker.name == name:
+                return step.breaker
+    # A breaker left in Redis by a step this deploy no longer has can still be reset.
+    return CircuitBreakerPolicy(name)
+
+
+def release_lock(lock_key: str, token: str, actor: Actor) -> None:
+    """Release a task lock whose holder is gone: only if its attempt's database heartbeat
+    is stale, and only if the lock still holds the token the operator saw."""
+    if not lock_key.startswith(key("lock", "")) or not token:
+        raise InvalidInput("not a task lock")
+    holder = _live_holder(token)
+    if holder is not None:
+        raise NothingToDo(
+            f"the lock's holder is alive: attempt {holder.number} of {holder.step.name} "
+            f"beat until {holder.heartbeat_expires_at:%H:%M:%S}"
+        )
+    if not release_if_held_by(redis(), lock_key, token):
+        raise NothingToDo("the lock was already released or has a new holder")
+    task_id = _uuid_or_none(_task_of(lock_key))
+    task = TaskInstance.objects.filter(pk=task_id).first() if task_id else None
+    audit.record(
+        task, AuditAction.LOCK_RELEASED, actor=actor, details={"lock": lock_key, "token": token}
+    )
+
+
+def _live_holder(token: str) -> Any:
+    return (
+        StepAttempt.objects.filter(
+            lock_token=token,
+            outcome=AttemptOutcome.RUNNING,
+            heartbeat_expires_at__gt=Now(),
+        )
+        .select_related("step")
+        .first()
+    )
+
+
+def _task_of(lock_key: str) -> str:
+    return lock_key[len(key("lock", "")) :].split(":", 1)[0]
+
+
+__all__ = [
+    "CancelOutcome",
+    "cancel",
+    "redrive",
+    "release_lock",
+    "reset_breaker",
+    "resolve",
+    "retry_compensation",
+    "start",
+]
 
 
 def _uuid_or_none(value: Any) -> uuid.UUID | None:

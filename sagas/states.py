@@ -165,3 +165,5 @@ class AuditAction(TextChoices):
     REDRIVEN = "redriven"
     COMPENSATION_RETRIED = "compensation_retried"
     ORPHAN_DELETED = "orphan_deleted"
+    BREAKER_RESET = "breaker_reset"
+    LOCK_RELEASED = "lock_released"

@@ -627,12 +627,25 @@ def undo_done(plan: Plan, step: StepRow) -> None:
     advance(plan)  # the task waited for this undo before it could complete
 
 
+def undo_failures(steps: list[StepRow]) -> str:
+    """What needs a human: each undo that failed for good and its last error."""
+    return "; ".join(
+        f"compensation of {s.name} failed: {s.compensation_error or 'no error recorded'}"
+        for s in steps
+    )
+
+
 def finish_compensation(plan: Plan) -> None:
     skip_unstarted(plan)
     close_groups(plan, undone=True)
-    failed = any(s.status == StepStatus.COMPENSATION_FAILED for s in plan.work())
+    failed = [s for s in plan.work() if s.status == StepStatus.COMPENSATION_FAILED]
     if failed:
-        plan.move_task(TaskStatus.COMPENSATION_FAILED, AuditAction.TRANSITION, finished_at=plan.now)
+        plan.move_task(
+            TaskStatus.COMPENSATION_FAILED,
+            AuditAction.TRANSITION,
+            finished_at=plan.now,
+            error_summary=undo_failures(failed)[:2000],
+        )
         plan.notify_compensation_failed()
     elif plan.task.compensation_reason == CompensationReason.CANCEL:
         plan.move_task(

@@ -1125,10 +1125,19 @@ def test_every_end_records_when_it_ended():
         decisions.compensate_next(plan)
         end = of(plan, MoveTask)[-1]
         assert (end.to, end.fields) == (to, fields)
-    failed = plan_for(linear(), "compensating", one={"status": "compensation_failed"})
+    failed = plan_for(
+        linear(),
+        "compensating",
+        one={"status": "compensation_failed", "compensation_error": "IOError: disk gone"},
+    )
     decisions.compensate_next(failed)
     end = of(failed, MoveTask)[-1]
-    assert (end.to, end.fields) == ("compensation_failed", {"finished_at": NOW})
+    # The summary names the undo that needs a human, not the step whose failure began it.
+    summary = "compensation of one failed: IOError: disk gone"
+    assert (end.to, end.fields) == (
+        "compensation_failed",
+        {"finished_at": NOW, "error_summary": summary},
+    )
     assert of(failed, NotifyCompensationFailed)
 
 

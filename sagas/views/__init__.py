@@ -1,0 +1,1 @@
+"""The console's pages that belong to no model: dashboard, inbox, breakers and locks."""
