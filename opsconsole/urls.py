@@ -11,6 +11,21 @@ urlpatterns = [
     path("api/openapi.json", api.openapi_view, name="api-openapi"),
     path("api/distributed-tasks/<str:saga>/", api.tasks, name="api-tasks"),
     path("api/distributed-tasks/<str:saga>/<str:task_id>", api.task, name="api-task"),
+    path(
+        "api/distributed-tasks/<str:saga>/<str:task_id>/resolve",
+        api.resolve_task,
+        name="api-task-resolve",
+    ),
+    path(
+        "api/distributed-tasks/<str:saga>/<str:task_id>/retry-compensation",
+        api.retry_task_compensation,
+        name="api-task-retry-compensation",
+    ),
+    path(
+        "api/distributed-tasks/<str:saga>/<str:task_id>/redrive",
+        api.redrive_task,
+        name="api-task-redrive",
+    ),
     # Anything else under /api/ is a JSON 404, with or without a trailing slash, DEBUG or not.
     re_path(r"^api(?:/|$)", api.not_found),
 ]

@@ -33,6 +33,8 @@ from sagas.states import TaskStatus
 VIEW = "sagas.view_taskinstance"
 ADD = "sagas.add_taskinstance"
 CANCEL = "sagas.cancel_taskinstance"
+RESOLVE = "sagas.resolve_taskinstance"
+REDRIVE = "sagas.redrive_taskinstance"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 MAX_JSON_DEPTH = 64
@@ -294,6 +296,10 @@ def read_task(request: HttpRequest, saga: str, task_id: str) -> JsonResponse:
     task = _task_of(saga, task_id)
     if task is None:
         raise ApiError(404, "not_found", f"No task {task_id} of saga {saga!r}.")
+    return _task_response(task)
+
+
+def _task_response(task: TaskInstance) -> JsonResponse:
     steps = task.steps.order_by("index").prefetch_related("attempts")
     return JsonResponse(task_detail(task, steps))
 
@@ -332,6 +338,60 @@ def cancel_response(outcome: CancelOutcome) -> JsonResponse:
     if outcome.http_status >= 400:
         body = {"error": outcome.outcome, "detail": CANCEL_DETAILS[outcome.outcome], **body}
     return JsonResponse(body, status=outcome.http_status)
+
+
+# --- operator actions -----------------------------------------------------------------
+
+ServiceAction = Callable[[Any, Any, str], TaskInstance]
+
+
+def operator_action(action: ServiceAction) -> Handler:
+    """POST with a mandatory ``note``: one of the operator actions of ``services``, whose
+    answer is the task as it is now (the same body as GET)."""
+
+    def handler(request: HttpRequest, saga: str, task_id: str) -> JsonResponse:
+        note = _note(json_object_body(request))
+        task = _task_of(saga, task_id)
+        if task is None:
+            raise _task_not_found(saga, task_id)
+        try:
+            action(task.pk, request.user, note)
+        except services.TaskNotFound:
+            raise _task_not_found(saga, task_id) from None
+        except services.ActionNotAllowed as refused:
+            return _not_allowed(refused)
+        except services.InvalidInput as exc:
+            raise ApiError(400, "invalid_body", "; ".join(exc.messages)) from None
+        return _task_response(TaskInstance.objects.get(pk=task.pk))
+
+    return handler
+
+
+def _note(body: dict[str, Any]) -> str:
+    _only_keys(body, {"note"})
+    note = body.get("note")
+    if not isinstance(note, str) or not note.strip() or len(note) > MAX_REASON_LENGTH:
+        raise ApiError(
+            400,
+            "invalid_body",
+            f"'note' is required: a non-blank string of at most {MAX_REASON_LENGTH} chars.",
+        )
+    return note
+
+
+def _not_allowed(refused: services.ActionNotAllowed) -> JsonResponse:
+    """409; written out because ``ApiError`` takes ``status`` as the HTTP status."""
+    body = {
+        "error": "not_allowed",
+        "detail": str(refused),
+        "outcome": "not_allowed",
+        "status": refused.status,
+    }
+    return JsonResponse(body, status=409)
+
+
+def _task_not_found(saga: str, task_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"No task {task_id} of saga {saga!r}.", outcome="not_found")
 
 
 def _task_of(saga: str, task_id: str) -> TaskInstance | None:
@@ -378,6 +438,11 @@ def unknown_path(request: HttpRequest, **kwargs: Any) -> JsonResponse:
 
 tasks = resource(GET=Route(list_tasks, VIEW), POST=Route(start_task, ADD, body_required=True))
 task = resource(GET=Route(read_task, VIEW), DELETE=Route(cancel_task, CANCEL))
+resolve_task = resource(POST=Route(operator_action(services.resolve), RESOLVE, body_required=True))
+retry_task_compensation = resource(
+    POST=Route(operator_action(services.retry_compensation), RESOLVE, body_required=True)
+)
+redrive_task = resource(POST=Route(operator_action(services.redrive), REDRIVE, body_required=True))
 health_view = resource(GET=Route(health_status))
 openapi_view = resource(GET=Route(openapi_document))
 not_found = csrf_exempt(no_append_slash(never_cache(unknown_path)))

@@ -101,6 +101,28 @@ SCHEMAS: dict[str, Schema] = {
             "detail": {"type": "string"},
         },
     ),
+    "NoteRequest": _object(
+        ["note"],
+        {
+            "note": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 2000,
+                "pattern": "\\S",
+                "description": "Why: goes into the audit trail with the caller as the actor.",
+            }
+        },
+        additionalProperties=False,
+    ),
+    "NotAllowed": {
+        "allOf": [
+            _ref("Error"),
+            _object(
+                ["outcome", "status"],
+                {"outcome": {"const": "not_allowed"}, "status": _ref("TaskStatus")},
+            ),
+        ]
+    },
     "TaskStatus": {"enum": list(TaskStatus.values)},
     "TaskSummary": _object(
         [
@@ -341,6 +363,48 @@ TASK_PATH = {
     },
 }
 
+
+def _operator_action(operation_id: str, summary: str, description: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "description": description,
+            "parameters": [SAGA, TASK_ID],
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": _ref("NoteRequest")}},
+            },
+            "responses": {
+                "200": _json_response("Done: the task as it is now.", _ref("Task")),
+                "404": _error("No such task of this saga (outcome not_found)."),
+                "409": _json_response(
+                    "The task's status does not allow this (outcome not_allowed).",
+                    _ref("NotAllowed"),
+                ),
+                **_errors("400", "401", "403", "413", "415"),
+            },
+        },
+    }
+
+
+RESOLVE_PATH = _operator_action(
+    "resolveTask",
+    "Close a parked task by hand, with a note.",
+    "From compensation_failed, failed or dead_lettered, and only while none of its steps "
+    "runs. Needs the custom sagas.resolve_taskinstance permission.",
+)
+RETRY_COMPENSATION_PATH = _operator_action(
+    "retryCompensation",
+    "Run a task's failed compensations again, each with a fresh retry budget.",
+    "From compensation_failed. Needs the custom sagas.resolve_taskinstance permission.",
+)
+REDRIVE_PATH = _operator_action(
+    "redriveTask",
+    "Retry the work that dead-lettered a task, with a fresh retry budget.",
+    "From dead_lettered. Needs the custom sagas.redrive_taskinstance permission.",
+)
+
 HEALTH_PATH = {
     "get": {
         "operationId": "health",
@@ -377,7 +441,8 @@ _DOCUMENT: dict[str, Any] = {
     "info": {
         "title": "Saga operations console API",
         "version": "1",
-        "description": "Start, read, list and cancel saga tasks. See docs/api.md. Every "
+        "description": "Start, read, list and cancel saga tasks, and resolve, retry the "
+        "compensation of or redrive them as an operator. See docs/api.md. Every "
         "answer is JSON; a method a path does not take is a 405 with the Error schema and an "
         "Allow header.",
     },
@@ -386,6 +451,9 @@ _DOCUMENT: dict[str, Any] = {
     "paths": {
         "/api/distributed-tasks/{saga}/": TASKS_PATH,
         "/api/distributed-tasks/{saga}/{id}": TASK_PATH,
+        "/api/distributed-tasks/{saga}/{id}/resolve": RESOLVE_PATH,
+        "/api/distributed-tasks/{saga}/{id}/retry-compensation": RETRY_COMPENSATION_PATH,
+        "/api/distributed-tasks/{saga}/{id}/redrive": REDRIVE_PATH,
         "/api/health": HEALTH_PATH,
         "/api/openapi.json": OPENAPI_PATH,
     },

@@ -21,6 +21,9 @@ DOCUMENT = document()
 TEMPLATES = {
     "api-tasks": "/api/distributed-tasks/{saga}/",
     "api-task": "/api/distributed-tasks/{saga}/{id}",
+    "api-task-resolve": "/api/distributed-tasks/{saga}/{id}/resolve",
+    "api-task-retry-compensation": "/api/distributed-tasks/{saga}/{id}/retry-compensation",
+    "api-task-redrive": "/api/distributed-tasks/{saga}/{id}/redrive",
     "api-health": "/api/health",
     "api-openapi": "/api/openapi.json",
 }

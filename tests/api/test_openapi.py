@@ -10,6 +10,8 @@ import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from sagas.services import start
+from sagas.states import TaskStatus
+from sagas.transitions import transition
 from tests.api.conftest import DOCUMENT, TEMPLATES, task_url, tasks_url
 
 pytestmark = pytest.mark.django_db
@@ -24,7 +26,7 @@ def test_the_served_document_is_valid_openapi_3_1(anonymous):
     OpenAPIV31SpecValidator(served).validate()
 
 
-def test_every_documented_operation_answers_as_documented(api, anonymous):
+def test_every_documented_operation_answers_as_documented(api, anonymous, make_user, token_client):
     task_id = api.post(tasks_url(), {"input": {}, "business_key": "doc"}).json()["id"]
     api.post(tasks_url(), {"input": {}, "business_key": "doc"})  # 200 replay
     other, _ = start("chaos", {})
@@ -35,8 +37,20 @@ def test_every_documented_operation_answers_as_documented(api, anonymous):
     api.get("/api/health?detail=1")
     anonymous.get("/api/health")
     anonymous.get("/api/openapi.json")
+    operator = token_client(
+        make_user(
+            "doc-operator", "view_taskinstance", "resolve_taskinstance", "redrive_taskinstance"
+        )
+    )
+    parked, _ = start("chaos", {})
+    transition(parked, TaskStatus.RUNNING)
+    transition(parked, TaskStatus.FAILED)
+    operator.post(task_url(parked) + "/redrive", {"note": "documented"})  # 409 not_allowed
+    operator.post(task_url(parked) + "/retry-compensation", {"note": "documented"})  # 409
+    operator.post(task_url(parked) + "/resolve", {"note": "documented"})  # 200
 
-    called = {(method.lower(), _template(path)) for method, path, _ in [*api.seen, *anonymous.seen]}
+    seen = [*api.seen, *anonymous.seen, *operator.seen]
+    called = {(method.lower(), _template(path)) for method, path, _ in seen}
     documented = {
         (method, template)
         for template, operations in DOCUMENT["paths"].items()
@@ -45,6 +59,7 @@ def test_every_documented_operation_answers_as_documented(api, anonymous):
     assert documented <= called
     statuses = {status for _, _, status in api.seen}
     assert {200, 201, 202} <= statuses
+    assert [status for _, _, status in operator.seen] == [409, 409, 200]
 
 
 def _template(path: str) -> str:
