@@ -1,11 +1,13 @@
 from django.contrib import admin
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 
 from sagas import api
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/sagas/taskinstance/", permanent=False)),
+    # The console's pages that belong to no model, before the admin's own URLs.
+    path("admin/sagas/", include("sagas.views.urls")),
     path("admin/", admin.site.urls),
     path("api/health", api.health_view, name="api-health"),
     path("api/openapi.json", api.openapi_view, name="api-openapi"),

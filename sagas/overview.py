@@ -46,6 +46,8 @@ FAILURE_ACTIONS = (
 STUCK_SAMPLE = 200
 LOCK_SAMPLE = 500
 INBOX_SAMPLE = 5000
+# Below this many tasks (the planner's estimate) finished tasks are counted exactly.
+EXACT_BELOW_ROWS = 200_000
 
 
 # --- tasks by status ---------------------------------------------------------------------
@@ -84,11 +86,11 @@ class _Counts(dict[str, int]):
 
 def _estimated_counts(statuses: list[TaskStatus]) -> _Counts:
     counts = _Counts()
-    if connection.vendor == "postgresql":
+    if connection.vendor == "postgresql" and _estimated_rows() > EXACT_BELOW_ROWS:
         counts.update(_planner_estimates())
         counts.exact = False
         return counts
-    # SQLite is the demo's small database: counting is cheap there.
+    # A small table (and SQLite, the demo's database) is counted exactly: that is cheap.
     counts.update(
         TaskInstance.objects.filter(status__in=statuses)
         .order_by()
@@ -96,6 +98,16 @@ def _estimated_counts(statuses: list[TaskStatus]) -> _Counts:
         .annotate(n=Count("pk"))
     )
     return counts
+
+
+def _estimated_rows() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+            [TaskInstance._meta.db_table],
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row else 0
 
 
 def _planner_estimates() -> dict[str, int]:
