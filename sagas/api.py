@@ -33,8 +33,6 @@ from sagas.states import TaskStatus
 VIEW = "sagas.view_taskinstance"
 ADD = "sagas.add_taskinstance"
 CANCEL = "sagas.cancel_taskinstance"
-RESOLVE = "sagas.resolve_taskinstance"
-REDRIVE = "sagas.redrive_taskinstance"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 MAX_JSON_DEPTH = 64
@@ -438,11 +436,15 @@ def unknown_path(request: HttpRequest, **kwargs: Any) -> JsonResponse:
 
 tasks = resource(GET=Route(list_tasks, VIEW), POST=Route(start_task, ADD, body_required=True))
 task = resource(GET=Route(read_task, VIEW), DELETE=Route(cancel_task, CANCEL))
-resolve_task = resource(POST=Route(operator_action(services.resolve), RESOLVE, body_required=True))
-retry_task_compensation = resource(
-    POST=Route(operator_action(services.retry_compensation), RESOLVE, body_required=True)
-)
-redrive_task = resource(POST=Route(operator_action(services.redrive), REDRIVE, body_required=True))
+def _operator_route(slug: str, action: ServiceAction) -> Any:
+    """The console's permission for the same action (``services.OPERATOR_ACTIONS``)."""
+    permission = services.OPERATOR_ACTIONS[slug].permission
+    return resource(POST=Route(operator_action(action), permission, body_required=True))
+
+
+resolve_task = _operator_route("resolve", services.resolve)
+retry_task_compensation = _operator_route("retry-compensation", services.retry_compensation)
+redrive_task = _operator_route("redrive", services.redrive)
 health_view = resource(GET=Route(health_status))
 openapi_view = resource(GET=Route(openapi_document))
 not_found = csrf_exempt(no_append_slash(never_cache(unknown_path)))
