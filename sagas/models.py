@@ -345,3 +345,63 @@ class ApiToken(models.Model):
             .first()
         )
         return token
+
+
+class BulkAction(models.TextChoices):
+    """The operator actions a bulk operation can apply (``services.OPERATOR_ACTIONS`` slugs)."""
+
+    CANCEL = "cancel"
+    RESOLVE = "resolve"
+    REDRIVE = "redrive"
+
+
+class BulkStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class BulkOperation(models.Model):
+    """One operator's action on many tasks, run in the background by ``sagas.bulk``.
+
+    The task ids are frozen at confirmation; ``position`` is the next one to act on and
+    advances in the transaction that acts on a task, so a lost job's successor resumes
+    exactly there. ``run`` numbers the jobs: only the job of the current run may write.
+    """
+
+    action = models.CharField(max_length=16, choices=BulkAction.choices)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    actor_name = models.CharField(max_length=150)
+    note = models.TextField(blank=True)
+    task_ids = models.JSONField(default=list)
+    total = models.PositiveIntegerField(default=0)
+    position = models.PositiveIntegerField(default=0)
+    succeeded = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    skipped_examples = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16, choices=BulkStatus.choices, default=BulkStatus.QUEUED)
+    run = models.PositiveIntegerField(default=1)
+    resumes = models.PositiveIntegerField(default=0)
+    # Where the last resume started: a job lost twice at one task gives up on that task.
+    resumed_from = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    progressed_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"bulk {self.action} #{self.pk} ({self.position}/{self.total}, {self.status})"
+
+    @property
+    def percent(self) -> int:
+        return self.position * 100 // self.total if self.total else 100
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (BulkStatus.DONE, BulkStatus.FAILED)
