@@ -33,3 +33,32 @@ def operator(django_user_model):
         )
     )
     return user
+
+
+def console_group(name: str):
+    """The group migration 0009 creates; made again if a transactional test's flush took it
+    (data from migrations does not survive TransactionTestCase's flush)."""
+    import importlib
+
+    from django.apps import apps
+    from django.contrib.auth.models import Group
+
+    if not Group.objects.filter(name=name).exists():
+        importlib.import_module("sagas.migrations.0009_console_groups").create_groups(apps, None)
+    return Group.objects.get(name=name)
+
+
+@pytest.fixture
+def saga_operator(django_user_model):
+    """A staff user in the ``Saga operators`` group: may see and act."""
+    user = django_user_model.objects.create_user("op", password="pw-op-123456", is_staff=True)
+    user.groups.add(console_group("Saga operators"))
+    return user
+
+
+@pytest.fixture
+def saga_viewer(django_user_model):
+    """A staff user in the ``Saga viewers`` group: may see, not act."""
+    user = django_user_model.objects.create_user("viewer", password="pw-view-12345", is_staff=True)
+    user.groups.add(console_group("Saga viewers"))
+    return user

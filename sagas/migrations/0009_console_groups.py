@@ -26,9 +26,12 @@ GROUPS = {"Saga viewers": VIEW, "Saga operators": VIEW + ACT}
 def create_groups(apps: Any, schema_editor: Any) -> None:
     # Django creates permissions only after the last migration; the groups need them now.
     for app_config in apps.get_app_configs():
-        app_config.models_module = True
+        # create_permissions skips apps without a models module, which a migration's
+        # historical app configs never have: pretend, then put back what was there.
+        models_module = getattr(app_config, "models_module", None)
+        app_config.models_module = models_module or True
         create_permissions(app_config, apps=apps, verbosity=0)
-        app_config.models_module = None
+        app_config.models_module = models_module
     Group = apps.get_model("auth", "Group")
     Permission = apps.get_model("auth", "Permission")
     for name, codenames in GROUPS.items():
