@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +16,13 @@ from pathlib import Path
 import boto3
 import pytest
 import redis
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
+from django.core.management import CommandError
+from rq import Worker
 
 from sagas.embedded import EmbeddedRedis, EmbeddedS3, ManagedProcess, free_port
+from sagas.management.commands.demo import OPERATOR, VIEWER, WORKER_COUNT, ensure_login
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,8 +57,8 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from the parent links in /proc)."""
+def parent_links() -> dict[int, int]:
+    """Each process's parent (from /proc)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -59,6 +66,12 @@ def descendants(pid: int) -> set[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         parents[int(stat.parent.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``."""
+    parents = parent_links()
     found: set[int] = set()
     frontier = {pid}
     while frontier:
@@ -121,6 +134,13 @@ def test_children_die_with_their_parent() -> None:
     assert wait_until(lambda: process_gone(child_pid))
 
 
+def workers_of(pid: int) -> list[int]:
+    """The RQ workers ``pid`` started (their work horses, one level down, carry the same
+    process title)."""
+    children = [child for child, parent in parent_links().items() if parent == pid]
+    return [child for child in children if cmdline(child).startswith(b"rq:worker:")]
+
+
 @pytest.fixture
 def demo_env(tmp_path: Path) -> dict[str, str]:
     env = {**os.environ, "DJANGO_DEBUG": "1", "SAGAS_VAR_DIR": str(tmp_path / "var")}
@@ -149,11 +169,18 @@ class Demo:
 def demo(demo_env: dict[str, str], tmp_path: Path) -> Iterator[Demo]:
     running = Demo(demo_env, tmp_path / "demo.log")
     try:
-        assert wait_until(lambda: "Ctrl-C to stop" in running.output(), 90), running.output()
+        # Migrations, three workers and the web server boot at once: slow on a loaded machine.
+        assert wait_until(lambda: "Ctrl-C to stop" in running.output(), 180), running.output()
         yield running
     finally:
         running.process.kill()
         running.process.wait()
+
+
+def demo_redis(demo: Demo) -> redis.Redis:
+    match = re.search(r"redis://127\.0\.0\.1:\d+/0", demo.output())
+    assert match, demo.output()
+    return redis.Redis.from_url(match.group())
 
 
 def test_demo_serves_the_console_and_stops_everything_on_sigint(
@@ -161,12 +188,21 @@ def test_demo_serves_the_console_and_stops_everything_on_sigint(
 ) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{demo.port}/admin/login/") as response:
         assert response.status == 200
+    client = demo_redis(demo)
+    assert wait_until(lambda: Worker.count(connection=client) == WORKER_COUNT, 30)
+    # Every worker runs a scheduler, but only one holds the queue's scheduler lock.
+    assert client.keys("rq:scheduler-lock:*") == [b"rq:scheduler-lock:default"]
+    assert wait_until(lambda: len(workers_of(demo.process.pid)) == WORKER_COUNT == 3)
     children = descendants(demo.process.pid)
-    assert len(children) >= 4  # redis-server, moto, worker, runserver
+    assert len(children) >= 6  # redis-server, moto, 3 workers, runserver
     demo.process.send_signal(signal.SIGINT)
     assert demo.wait() == 0, demo.output()
-    password = (Path(demo_env["SAGAS_VAR_DIR"]) / "demo-password.txt").read_text().strip()
-    assert f"operator / {password}" in demo.output()
+    var = Path(demo_env["SAGAS_VAR_DIR"])
+    for login in (OPERATOR, VIEWER):
+        password = (var / login.password_file).read_text().strip()
+        assert f"{login.username} / {password}" in demo.output()
+    assert "3 RQ workers with scheduler" in demo.output()
+    assert "Stopping 3 workers" in demo.output()
     assert wait_until(lambda: all(process_gone(pid) for pid in children))
 
 
@@ -177,3 +213,61 @@ def test_demo_stops_everything_when_a_child_dies(demo: Demo) -> None:
     assert demo.wait() == 1, demo.output()
     assert "web server exited unexpectedly" in demo.output()
     assert wait_until(lambda: all(process_gone(pid) for pid in children))
+
+
+def test_demo_stops_everything_when_one_of_its_workers_dies(demo: Demo) -> None:
+    assert wait_until(lambda: len(workers_of(demo.process.pid)) == WORKER_COUNT, 30)
+    children = descendants(demo.process.pid)
+    os.kill(workers_of(demo.process.pid)[0], signal.SIGKILL)
+    assert demo.wait() == 1, demo.output()
+    assert re.search(r"the worker \d exited unexpectedly", demo.output()), demo.output()
+    assert wait_until(lambda: all(process_gone(pid) for pid in children))
+
+
+@pytest.fixture
+def console_groups(db: None) -> None:
+    """The groups migration 0009 creates (a transactional test elsewhere may have flushed them)."""
+    migration = importlib.import_module("sagas.migrations.0009_console_groups")
+    for name, codenames in migration.GROUPS.items():
+        group, _ = Group.objects.get_or_create(name=name)
+        permissions = Permission.objects.filter(
+            content_type__app_label="sagas", codename__in=codenames
+        )
+        group.permissions.add(*permissions)
+
+
+def test_the_demo_logins_are_staff_in_their_group_not_superusers(console_groups: None) -> None:
+    ensure_login(OPERATOR, "operator-password")
+    ensure_login(VIEWER, "viewer-password")
+    users = get_user_model().objects
+    operator, viewer = users.get(username="operator"), users.get(username="viewer")
+    for user, group in ((operator, "Saga operators"), (viewer, "Saga viewers")):
+        assert user.is_staff and user.is_active and not user.is_superuser
+        assert list(user.groups.values_list("name", flat=True)) == [group]
+    assert operator.check_password("operator-password")
+    assert viewer.check_password("viewer-password")
+    assert operator.has_perm("sagas.cancel_taskinstance")
+    assert viewer.has_perm("sagas.view_taskinstance")
+    assert not viewer.has_perm("sagas.cancel_taskinstance")
+
+
+def test_the_demo_repairs_a_login_on_each_run(console_groups: None) -> None:
+    ensure_login(VIEWER, "viewer-password")
+    user = get_user_model().objects.get(username="viewer")
+    user.is_superuser, user.is_active, user.is_staff = True, False, False
+    user.set_password("changed")
+    user.save()
+    user.groups.set([Group.objects.get(name="Saga operators")])
+    user.user_permissions.add(Permission.objects.get(codename="cancel_taskinstance"))
+    ensure_login(VIEWER, "viewer-password")
+    user = get_user_model().objects.get(username="viewer")
+    assert user.is_staff and user.is_active and not user.is_superuser
+    assert user.check_password("viewer-password")
+    assert list(user.groups.values_list("name", flat=True)) == ["Saga viewers"]
+    assert not user.has_perm("sagas.cancel_taskinstance")
+
+
+def test_a_missing_group_is_a_clear_error(console_groups: None) -> None:
+    Group.objects.filter(name="Saga viewers").delete()
+    with pytest.raises(CommandError, match="'Saga viewers' is missing"):
+        ensure_login(VIEWER, "viewer-password")

@@ -1,7 +1,8 @@
 """``manage.py demo``: the whole product on one machine, with nothing to install but Python.
 
-Starts an embedded Redis and S3, one RQ worker and the web console, creates a demo operator
-and demo tasks, prints where everything is, and stops it all (in reverse order) on Ctrl-C.
+Starts an embedded Redis and S3, three RQ workers and the web console, creates an operator
+and a viewer login and demo tasks, prints where everything is, and stops it all (in reverse
+order) on Ctrl-C.
 The demo process itself never talks to Redis or S3 through Django (its settings were read
 before the embedded servers existed): everything that does runs in a child process whose
 environment points at them.
@@ -16,13 +17,16 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.core.management.base import (
     BaseCommand,
@@ -46,13 +50,33 @@ from sagas.embedded import (
 )
 from sagas.models import TaskInstance
 
-OPERATOR_USERNAME = "operator"
-WORKER = "worker"
+
+@dataclass(frozen=True)
+class DemoLogin:
+    """A console login the demo creates: a staff user in one of the console's groups."""
+
+    username: str
+    group: str
+    password_file: str
+    can: str
+
+
+OPERATOR = DemoLogin("operator", "Saga operators", "demo-password.txt", "sees and acts")
+VIEWER = DemoLogin("viewer", "Saga viewers", "demo-viewer-password.txt", "sees only")
+LOGINS = (OPERATOR, VIEWER)
+# Several workers, so parallel branches really run side by side. Each runs a scheduler;
+# only the one holding RQ's scheduler lock moves scheduled jobs, the others stand by.
+WORKER_COUNT = 3
+WORKER_ARGUMENTS = ["rqworker", "--with-scheduler", "default"]
 WEB_STARTUP_TIMEOUT_S = 60.0
 WATCH_INTERVAL_S = 0.5
+SLOW_SHIP_MS = 60_000  # the README promises a minute to find the task and cancel it
 
 # (saga, input, business key): once the engine runs them they end in every status.
 DEMO_TASKS: list[tuple[str, dict[str, Any], str]] = [
+    # First, so their provider branches get the workers before the slow tasks at the end.
+    ("flight-search", {}, "demo-flight-search-partial-results"),
+    ("flight-search", {"notify": "fail"}, "demo-flight-search-notify-fails"),
     ("chaos", {}, "demo-completes"),
     ("chaos", {"fail": {"charge": 2}}, "demo-retries-then-completes"),
     ("chaos", {"fail": {"charge": -1}}, "demo-compensated"),
@@ -64,10 +88,17 @@ DEMO_TASKS: list[tuple[str, dict[str, Any], str]] = [
         "demo-compensation-failed",
     ),
     ("create-zip", {"files": {"hello.txt": "hello"}}, "demo-zip"),
-    ("flight-search", {}, "demo-flight-search-partial-results"),
-    ("flight-search", {"notify": "fail"}, "demo-flight-search-notify-fails"),
-    # Last: with one worker, its minute-long step holds up what is queued behind it.
-    ("chaos", {"sleep_ms": {"ship": 20000}}, "demo-slow-ship-cancel-me"),
+    # Last: each keeps a worker busy for a minute. Cancelled, the first stops at once; the
+    # second stays visibly cancelling while its refund and release work for 5 s each.
+    ("chaos", {"sleep_ms": {"ship": SLOW_SHIP_MS}}, "demo-slow-ship-cancel-me"),
+    (
+        "chaos",
+        {
+            "sleep_ms": {"ship": SLOW_SHIP_MS},
+            "compensation_sleep_ms": {"charge": 5000, "reserve": 5000},
+        },
+        "demo-slow-undo-cancel-me",
+    ),
 ]
 
 
@@ -97,7 +128,7 @@ def _install_stop_handlers() -> None:
 
 
 def demo_password(path: Path) -> str:
-    """The operator's password: generated on the first run, then read from ``path`` (0600)."""
+    """A login's password: generated on the first run, then read from ``path`` (0600)."""
     if path.exists() and path.read_text().strip():
         path.chmod(0o600)
         return path.read_text().strip()
@@ -108,13 +139,23 @@ def demo_password(path: Path) -> str:
     return password
 
 
-def ensure_operator(password: str) -> None:
-    """Create or repair the demo superuser so that ``password`` logs in."""
-    user, _ = get_user_model().objects.get_or_create(username=OPERATOR_USERNAME)
-    user.is_staff = user.is_superuser = user.is_active = True
+def ensure_login(login: DemoLogin, password: str) -> None:
+    """Create or repair ``login``: active staff, not a superuser, in its group alone, and
+    ``password`` logs in."""
+    try:
+        group = Group.objects.get(name=login.group)
+    except Group.DoesNotExist:
+        raise CommandError(
+            f"the group {login.group!r} is missing (migration sagas 0009 creates it)"
+        ) from None
+    user, _ = get_user_model().objects.get_or_create(username=login.username)
+    user.is_staff = user.is_active = True
+    user.is_superuser = False
     if not user.check_password(password):
         user.set_password(password)
     user.save()
+    user.groups.set([group])
+    user.user_permissions.clear()  # what it may do comes from its group only
 
 
 def seed_demo_tasks() -> int:
@@ -154,7 +195,6 @@ class EmbeddedDemo:
         self.port = port
         self.with_worker = with_worker
         self.var_dir = Path(settings.VAR_DIR)
-        self.password_file = self.var_dir / "demo-password.txt"
         self.watched: list[ManagedProcess] = []
 
     def run(self) -> str | None:
@@ -177,21 +217,25 @@ class EmbeddedDemo:
             self.out.write("Everything the demo started has stopped.\n")
 
     def _start(self, stack: ExitStack) -> None:
-        password = self._prepare_database()
+        passwords = self._prepare_database()
         env = self._start_backends(stack)
         self._run_manage("demo", "--seed-only", env=env)
         if self.with_worker:
-            self._start_child(stack, WORKER, ["rqworker", "--with-scheduler", "default"], env)
+            self._start_workers(stack, env)
         self._start_web(stack, env)
-        self._print_banner(password, env)
+        self._print_banner(passwords, env)
 
-    def _prepare_database(self) -> str:
+    def _prepare_database(self) -> dict[DemoLogin, str]:
         self.var_dir.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=1)
-        password = demo_password(self.password_file)
-        ensure_operator(password)
+        passwords = {login: demo_password(self._password_file(login)) for login in LOGINS}
+        for login, password in passwords.items():
+            ensure_login(login, password)
         connections.close_all()  # the children share the SQLite file
-        return password
+        return passwords
+
+    def _password_file(self, login: DemoLogin) -> Path:
+        return self.var_dir / login.password_file
 
     def _start_backends(self, stack: ExitStack) -> dict[str, str]:
         self.out.write("Starting the embedded Redis and S3 servers...\n")
@@ -215,20 +259,39 @@ class EmbeddedDemo:
         login_url = f"http://{address}/admin/login/"
         wait_until_ready(web, lambda: http_answers(login_url), WEB_STARTUP_TIMEOUT_S)
 
+    def _start_workers(self, stack: ExitStack, env: dict[str, str]) -> None:
+        workers: list[ManagedProcess] = []
+        stack.callback(self._stop_workers, workers)  # those started so far, if one fails
+        for number in range(1, WORKER_COUNT + 1):
+            workers.append(self._spawn(f"worker {number}", WORKER_ARGUMENTS, env))
+
     def _start_child(
         self, stack: ExitStack, name: str, arguments: list[str], env: dict[str, str]
     ) -> ManagedProcess:
+        process = self._spawn(name, arguments, env)
+        stack.callback(self._stop, name, process)
+        return process
+
+    def _spawn(self, name: str, arguments: list[str], env: dict[str, str]) -> ManagedProcess:
         argv = self._manage_argv(*arguments)
         process = ManagedProcess(name, argv, env=env, cwd=Path(settings.BASE_DIR))
-        stack.callback(self._stop, name, process)
         self.watched.append(process.start())
         return process
 
     def _stop(self, name: str, process: ManagedProcess) -> None:
-        # A worker shuts down warm: it finishes the running step first, if it can in time.
-        hint = f" (up to {STOP_TIMEOUT_S:.0f} s for its running step)" if name == WORKER else ""
-        self.out.write(f"Stopping {name}{hint}...\n")
+        self.out.write(f"Stopping {name}...\n")
         process.stop()
+
+    def _stop_workers(self, workers: list[ManagedProcess]) -> None:
+        """Stop the workers together: each shuts down warm (it finishes its running step,
+        if it can within the stop timeout), and one slow step must not delay the others."""
+        if not workers:
+            return
+        self.out.write(
+            f"Stopping {len(workers)} workers (up to {STOP_TIMEOUT_S:.0f} s for running steps)...\n"
+        )
+        with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+            list(pool.map(ManagedProcess.stop, workers))
 
     def _run_manage(self, *arguments: str, env: dict[str, str]) -> None:
         argv = self._manage_argv(*arguments)
@@ -247,15 +310,22 @@ class EmbeddedDemo:
                     return f"the {process.name} exited unexpectedly (code {process.exit_code})"
             time.sleep(WATCH_INTERVAL_S)
 
-    def _print_banner(self, password: str, env: dict[str, str]) -> None:
-        worker = "1 RQ worker with scheduler, queue default" if self.with_worker else "none"
+    def _print_banner(self, passwords: dict[DemoLogin, str], env: dict[str, str]) -> None:
+        workers = f"{WORKER_COUNT} RQ workers with scheduler, queue default"
         rows = [
             ("Console", f"http://127.0.0.1:{self.port}/admin/"),
-            ("Login", f"{OPERATOR_USERNAME} / {password}  (saved in {self.password_file})"),
+            *[
+                (
+                    "Login",
+                    f"{login.username} / {password}  ({login.group}: {login.can}; "
+                    f"saved in {self._password_file(login)})",
+                )
+                for login, password in passwords.items()
+            ],
             ("Database", database_description()),
             ("Redis", f"{env['REDIS_URL']}  (embedded, in memory)"),
             ("S3", f"{env['AWS_ENDPOINT_URL']}  bucket {env['SAGAS_S3_BUCKET']}  (embedded moto)"),
-            ("Worker", worker),
+            ("Workers", workers if self.with_worker else "none (--no-worker)"),
             ("Logs", f"Redis and S3 in {self.var_dir / 'log'}; worker and web server below"),
         ]
         lines = [f"  {label:<9} {value}" for label, value in rows]
@@ -264,11 +334,11 @@ class EmbeddedDemo:
 
 
 class Command(BaseCommand):
-    help = "Run the embedded demo: Redis, S3, a worker and the console on 127.0.0.1."
+    help = "Run the embedded demo: Redis, S3, three workers and the console on 127.0.0.1."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--port", type=int, default=8000, help="console port (default 8000)")
-        parser.add_argument("--no-worker", action="store_true", help="do not start a worker")
+        parser.add_argument("--no-worker", action="store_true", help="do not start the workers")
         # Internal: the demo seeds its tasks from a child that sees the embedded servers.
         parser.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)
 
