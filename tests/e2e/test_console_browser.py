@@ -1,0 +1,458 @@
+"""The operator console in a real headless Chromium: what an on-call operator clicks.
+
+Each test logs in through the admin's login form. Flows that need no concurrency run the
+tasks' jobs in this process (``run_jobs``), so they run on SQLite too; watching a step
+run and cancelling it needs real forking workers, hence Postgres. The ``console``
+fixture fails any test whose pages opened a dialog or broke the Content-Security-Policy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+from playwright.sync_api import expect
+
+from sagas import overview
+from sagas.engine.breaker import CircuitBreaker
+from sagas.engine.connection import redis
+from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
+from sagas.services import start
+from sagas.states import AuditAction, StepStatus, TaskStatus
+from sagas.transitions import transition, transition_step
+from tests.engine import conftest as engine
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("fresh_redis")]
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+HOSTILE = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')
+PAYLOAD = " ".join(HOSTILE)
+LIVE_TIMEOUT_MS = 20_000
+
+
+def task_path(task: TaskInstance) -> str:
+    return reverse("admin:sagas_taskinstance_change", args=[task.pk])
+
+
+def refreshed(task: TaskInstance) -> TaskInstance:
+    task.refresh_from_db()
+    return task
+
+
+@pytest.fixture
+def run_jobs() -> Iterator[Callable[..., None]]:
+    """Run the queued and scheduled step jobs in this process until none is left (the
+    engine tests' ``drain``). Only while no page polls: on SQLite the live server shares
+    this thread's database connection."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield engine.drain
+    for sig, handler in saved.items():  # an in-process RQ worker takes them for good
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def one_worker(workers: Callable[..., Any]) -> None:
+    """One real ``rqworker --with-scheduler``, registered before the test starts tasks."""
+    workers("w1")
+    engine.workers_up(1)
+
+
+def open_breaker(name: str) -> CircuitBreaker:
+    """Count a declared breaker's threshold of failures, as failing steps would."""
+    policy, _steps = overview.breaker_policies()[name]
+    breaker = CircuitBreaker(redis(), policy)
+    for _ in range(policy.failure_threshold):
+        breaker.record_failure(trial=False)
+    assert breaker.state().open_until > time.time()
+    return breaker
+
+
+def progress_values(cell: Any, until: Callable[[set[int]], bool], timeout: float) -> set[int]:
+    """Progress percentages the list's live cell shows over time (read, never reloaded)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(seen):
+        text = " ".join(cell.locator(".sagas-progress-value").all_inner_texts())
+        seen |= {int(n) for n in re.findall(r"(\d+)%", text)}
+        time.sleep(0.2)
+    return seen
+
+
+# --- finding a task ------------------------------------------------------------------------
+
+
+def test_operator_finds_a_task_by_its_correlation_id(console, operator_user):
+    wanted, _ = start("chaos", {}, correlation_id="checkout-7f3a")
+    other, _ = start("chaos", {}, correlation_id="checkout-9c21")
+    console.login(operator_user)
+    console.page.click("nav.sagas-nav >> text=Tasks")
+    console.page.fill("#searchbar", "checkout-7f3a")
+    with console.page.expect_navigation():
+        console.page.press("#searchbar", "Enter")
+    results = console.page.locator("#result_list tbody tr")
+    expect(results).to_have_count(1)
+    expect(results).to_contain_text(str(wanted.pk)[:8])
+    with console.page.expect_navigation():
+        results.locator("a", has_text=str(wanted.pk)[:8]).click()
+    expect(console.page.locator(".sagas-ids")).to_contain_text("checkout-7f3a")
+    expect(console.page.locator("h1")).to_contain_text(str(wanted.pk))
+    assert str(other.pk) not in console.page.content()
+
+
+# --- live progress and cancel: real workers --------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_progress_of_a_running_step_changes_without_a_reload(console, operator_user, one_worker):
+    task, _ = start("chaos", {"sleep_ms": {"ship": 6000}})
+    console.login(operator_user)
+    console.goto(f"{reverse('admin:sagas_taskinstance_changelist')}?q={task.pk}")
+    loaded = console.navigations
+    cell = console.page.locator(f'.sagas-task-progress[data-task="{task.pk}"]')
+    expect(cell).to_contain_text("ship", timeout=LIVE_TIMEOUT_MS)
+    seen = progress_values(cell, until=lambda values: len(values - {0}) >= 2, timeout=15)
+    assert len(seen - {0}) >= 2, f"progress shown: {sorted(seen)}"
+    expect(cell.locator(".sagas-status")).to_have_text("completed", timeout=LIVE_TIMEOUT_MS)
+    assert console.navigations == loaded, "the page was reloaded"
+    assert refreshed(task).status == TaskStatus.COMPLETED
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_operator_cancels_a_running_task_and_watches_it_undo(console, operator_user, one_worker):
+    task, _ = start(
+        "chaos", {"sleep_ms": {"ship": 6000}, "compensation_sleep_ms": {"reserve": 2000}}
+    )
+    page = console.page
+    console.login(operator_user, then=task_path(task))
+    expect(page.locator("#step-ship .sagas-status")).to_have_text(
+        "running", timeout=LIVE_TIMEOUT_MS
+    )
+    with page.expect_navigation():
+        page.click("#action-cancel")
+    expect(page.locator("#cancel-preview")).to_contain_text("stop ship, which is running now")
+    expect(page.locator("#cancel-preview")).to_contain_text("charge → reserve")
+    page.fill("#note-cancel", "customer called to cancel")
+    with page.expect_navigation():
+        page.click("#confirm-cancel")
+    assert "Cancel requested: the task is now cancelling" in console.messages()
+    expect(page.locator("#task-status")).to_have_text("cancelling")
+    landed = console.navigations
+    expect(page.locator("#task-status")).to_have_text("cancelled", timeout=LIVE_TIMEOUT_MS)
+    assert console.navigations == landed, "the page was reloaded"
+    expect(page.locator("#task-audit")).to_contain_text("cancel_requested")
+    statuses = dict(refreshed(task).steps.values_list("name", "status"))
+    assert statuses == {"reserve": "compensated", "charge": "compensated", "ship": "cancelled"}
+    requested = AuditEntry.objects.get(task=task, action=AuditAction.CANCEL_REQUESTED)
+    assert requested.actor == operator_user
+
+
+# --- parked tasks: in-process jobs ---------------------------------------------------------------
+
+
+def test_operator_resolves_a_compensation_failed_task_from_the_inbox(
+    console, operator_user, run_jobs
+):
+    task, _ = start("chaos", {"fail": {"ship": -1}, "fail_compensation": {"reserve": -1}})
+    run_jobs()
+    assert refreshed(task).status == TaskStatus.COMPENSATION_FAILED
+    page = console.page
+    console.login(operator_user)
+    with page.expect_navigation():
+        page.click("nav.sagas-nav >> text=Inbox")
+    group = page.locator("#inbox-groups tbody tr", has_text="compensation_failed")
+    expect(group).to_contain_text("reserve")
+    expect(group).to_contain_text("ChaosFailure")
+    with page.expect_navigation():
+        group.locator("a", has_text="Open tasks").click()
+    with page.expect_navigation():
+        page.locator("#result_list a", has_text=str(task.pk)[:8]).click()
+    expect(page.locator("#task-status")).to_have_text("compensation_failed")
+
+    with page.expect_navigation():
+        page.click("#action-resolve")  # no note
+    assert "Nothing changed: a note is required" in console.messages()
+    expect(page.locator("#task-status")).to_have_text("compensation_failed")
+    assert refreshed(task).status == TaskStatus.COMPENSATION_FAILED
+
+    page.fill("#note-resolve", "reservation released by hand, ticket OPS-7")
+    with page.expect_navigation():
+        page.click("#action-resolve")
+    assert "Resolved: the task is now resolved." in console.messages()
+    expect(page.locator("#task-status")).to_have_text("resolved")
+    latest = page.locator("#task-audit tbody tr").first
+    expect(latest).to_contain_text("resolved")
+    expect(latest).to_contain_text(operator_user.get_username())
+    expect(latest).to_contain_text("ticket OPS-7")
+    assert refreshed(task).resolved_by == operator_user
+
+
+def test_operator_redrives_a_dead_lettered_task_to_completion(console, operator_user, run_jobs):
+    # chaos allows 4 attempts (max_retries=3): all 4 fail, the redriven 5th succeeds.
+    task, _ = start("chaos", {"fail": {"charge": 4}, "on_exhausted": "dead_letter"})
+    run_jobs()
+    assert refreshed(task).status == TaskStatus.DEAD_LETTERED
+    page = console.page
+    console.login(operator_user, then=task_path(task))
+    expect(page.locator("#task-status")).to_have_text("dead_lettered")
+    expect(page.locator("#task-next")).to_contain_text("Redrive")
+    page.fill("#note-redrive", "card processor fixed, INC-42")
+    with page.expect_navigation():
+        page.click("#action-redrive")
+    assert "Redriven: the task is now" in console.messages()
+
+    page.goto("about:blank")  # nothing polls while this thread runs the jobs
+    run_jobs()
+    console.goto(task_path(task))
+    expect(page.locator("#task-status")).to_have_text("completed")
+    charge = page.locator("#step-charge")
+    expect(charge.locator(".sagas-status")).to_have_text("succeeded")
+    expect(charge.locator("td.num").first).to_have_text("5")
+    expect(page.locator("#task-audit tbody tr", has_text="redriven")).to_contain_text(
+        operator_user.get_username()
+    )
+
+
+# --- breakers and permissions ------------------------------------------------------------------
+
+
+def test_operator_resets_an_open_breaker(console, operator_user):
+    breaker = open_breaker("s3")
+    page = console.page
+    console.login(operator_user)
+    with page.expect_navigation():
+        page.click("nav.sagas-nav >> text=Breakers")
+    row = page.locator("#breaker-s3")
+    expect(row.locator(".sagas-breaker")).to_have_text("open")
+    expect(row).to_contain_text("create-zip.upload")
+    with page.expect_navigation():
+        row.get_by_role("button", name="Reset").click()
+    assert "Breaker s3 reset to closed" in console.messages()
+    expect(row.locator(".sagas-breaker")).to_have_text("closed")
+    expect(row.get_by_role("button")).to_have_count(0)
+    assert breaker.state().open_until == 0
+    reset = AuditEntry.objects.get(action=AuditAction.BREAKER_RESET)
+    assert reset.actor == operator_user
+
+
+def test_a_viewer_sees_no_buttons_and_a_forged_post_changes_nothing(console, viewer_user):
+    task, _ = start("chaos", {})
+    breaker = open_breaker("s3")
+    page = console.page
+    console.login(viewer_user, then=task_path(task))
+    expect(page.locator("#task-status")).to_have_text("pending")
+    expect(page.locator("#task-actions")).to_have_count(0)
+    expect(page.locator("#content-main button")).to_have_count(0)
+    console.goto(reverse("sagas-breakers"))
+    expect(page.locator("#breaker-s3 .sagas-breaker")).to_have_text("open")
+    expect(page.locator("#breakers button, #breakers form")).to_have_count(0)
+
+    token = console.csrf_token()
+    # The session travels with page.request: the viewer may read the task...
+    assert page.request.get(console.url(task_path(task))).status == 200
+    # ...but each forged action is refused by permission (not by CSRF: the token is good).
+    for path, fields in (
+        (reverse("admin:sagas_task_cancel", args=[task.pk]), {"note": "forged"}),
+        (reverse("admin:sagas_task_resolve", args=[task.pk]), {"note": "forged"}),
+        (reverse("sagas-breaker-reset", args=["s3"]), {}),
+    ):
+        response = page.request.post(
+            console.url(path), form={"csrfmiddlewaretoken": token, **fields}, max_redirects=0
+        )
+        assert response.status == 403, f"{path}: {response.status}"
+        assert "CSRF" not in response.text(), f"{path}: refused for CSRF, not permission"
+
+    assert refreshed(task).status == TaskStatus.PENDING
+    assert refreshed(task).cancel_requested_at is None
+    assert not AuditEntry.objects.filter(actor=viewer_user).exists()
+    assert breaker.state().open_until > time.time()
+
+
+# --- hostile data and the Content-Security-Policy ---------------------------------------------
+
+
+def hostile_task(parked: bool) -> TaskInstance:
+    """A create-zip task whose input, keys and errors are HTML: parked in
+    ``compensation_failed``, or left ``running`` (so its page polls)."""
+    task, _ = start(
+        "create-zip",
+        {"files": {f"{HOSTILE[0]}.txt": HOSTILE[1], "notes.txt": PAYLOAD}},
+        business_key=f"{PAYLOAD} {parked}",
+        correlation_id=HOSTILE[1],
+    )
+    step = StepRecord.objects.get(task=task, name="upload")
+    transition(task, TaskStatus.RUNNING, fields={"current_step": "upload"})
+    transition_step(step, StepStatus.RUNNING, fields={"progress_message": PAYLOAD})
+    StepAttempt.objects.create(
+        step=step, kind="action", number=1, outcome="failed", worker=PAYLOAD, error=PAYLOAD
+    )
+    if parked:
+        park_hostile(task, step)
+    return task
+
+
+def park_hostile(task: TaskInstance, step: StepRecord) -> None:
+    transition_step(step, StepStatus.SUCCEEDED, fields={"data": {"Key": PAYLOAD}})
+    transition_step(step, StepStatus.COMPENSATING)
+    StepAttempt.objects.create(
+        step=step, kind="compensation", number=1, outcome="failed", error=PAYLOAD, traceback=PAYLOAD
+    )
+    # An error type (the text before the colon) that is itself markup.
+    error = f"{HOSTILE[0]}: {HOSTILE[1]}"
+    transition_step(step, StepStatus.COMPENSATION_FAILED, fields={"compensation_error": error})
+    transition(task, TaskStatus.COMPENSATING, fields={"compensation_reason": "failure"})
+    transition(
+        task,
+        TaskStatus.COMPENSATION_FAILED,
+        action=AuditAction.COMPENSATION_FAILED,
+        step=step,
+        details={"step_name": "upload", "error": error, "stack_trace": PAYLOAD},
+        fields={"error_summary": error, "finished_at": timezone.now()},
+    )
+
+
+def assert_nothing_injected(console: Any, where: str) -> None:
+    page = console.page
+    assert page.locator('img[src="x"]').count() == 0, f"{where}: an injected <img>"
+    injected = page.evaluate(
+        "() => [...document.scripts].filter(s => s.textContent.includes('alert(1)')).length"
+    )
+    assert injected == 0, f"{where}: an injected <script>"
+    assert not console.dialogs, f"{where}: {console.dialogs}"
+
+
+def test_stored_markup_is_shown_as_text_everywhere(console, operator_user):
+    parked, running = hostile_task(parked=True), hostile_task(parked=False)
+    page = console.page
+    console.login(operator_user)
+    for path in (
+        reverse("admin:sagas_taskinstance_changelist"),
+        reverse("sagas-inbox"),
+        reverse("sagas-dashboard"),
+        reverse("admin:sagas_auditentry_changelist"),
+        task_path(parked),
+    ):
+        console.goto(path)
+        assert_nothing_injected(console, path)
+    expect(page.locator("#task-input")).to_contain_text(HOSTILE[0])
+    expect(page.locator("#task-live .sagas-error").first).to_contain_text(HOSTILE[1])
+
+    console.goto(task_path(running))  # the live part is swapped in by htmx: still text
+    with page.expect_response(lambda r: r.request.resource_type in ("xhr", "fetch")):
+        pass
+    assert_nothing_injected(console, "the running task's page after a refresh")
+    expect(page.locator("#step-upload")).to_contain_text(HOSTILE[0])
+
+
+def test_every_console_page_sends_a_strict_csp_and_breaks_none_of_it(console, operator_user):
+    task, _ = start("chaos", {})  # pending: its page and list cell poll
+    open_breaker("s3")
+    page = console.page
+    login_page = console.goto("/admin/login/")
+    console.login(operator_user)
+    pages = [
+        reverse("admin:index"),
+        reverse("admin:sagas_taskinstance_changelist"),
+        task_path(task),
+        reverse("admin:sagas_task_cancel", args=[task.pk]),
+        reverse("sagas-inbox"),
+        reverse("sagas-breakers"),
+        reverse("sagas-locks"),
+        reverse("admin:sagas_auditentry_changelist"),
+        reverse("sagas-dashboard"),
+    ]
+    responses = [login_page]
+    for path in pages:
+        responses.append(console.goto(path))
+    with page.expect_response(lambda r: r.request.resource_type in ("xhr", "fetch")):
+        pass  # the dashboard's htmx refresh (every 5 s)
+    for response in responses:
+        policy = response.headers.get("content-security-policy", "")
+        assert "script-src 'self'" in policy, f"{response.url}: {policy!r}"
+        assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    console.assert_clean()
+
+
+# --- screenshots for docs/operations.md ----------------------------------------------------------
+
+
+@pytest.fixture
+def example_sagas_only() -> Iterator[None]:
+    """The registry as a deploy of the examples has it (the engine tests add theirs)."""
+    from django.conf import settings
+
+    from sagas.definitions import registry
+
+    examples = set(settings.SAGA_MODULES)
+    removed = [
+        (registry.get(name), registry._origins[name])
+        for name in registry.names()
+        if registry._origins[name] not in examples
+    ]
+    for saga, _origin in removed:
+        registry.unregister(saga.name)
+    yield
+    for saga, origin in removed:
+        registry.register(saga, origin=origin)
+
+
+def settled_demo_tasks() -> dict[str, TaskInstance]:
+    """A spread of finished and parked chaos tasks, as an operator meets them."""
+    scripts: dict[str, dict[str, Any]] = {
+        "order-1041": {},
+        "order-1042": {"fail": {"charge": 2}},
+        "order-1043": {"fail": {"ship": -1}},
+        "order-1044": {"fail": {"ship": -1}, "fail_compensation": {"reserve": -1}},
+        "order-1045": {"fail": {"charge": -1}, "on_exhausted": "dead_letter"},
+    }
+    tasks = {key: demo_task(key, script) for key, script in scripts.items()}
+    engine.wait_for(
+        lambda: all(engine.terminal(t) for t in tasks.values()), 60, message="tasks still active"
+    )
+    return tasks
+
+
+def demo_task(key: str, script: dict[str, Any]) -> TaskInstance:
+    return start("chaos", script, business_key=key, correlation_id=f"checkout-{key[-4:]}")[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SAGAS_SCREENSHOTS") != "1",
+    reason="set SAGAS_SCREENSHOTS=1 to rewrite docs/screenshots/ (tracked files)",
+)
+def test_screenshots_for_the_operators_guide(
+    console, operator_user, one_worker, example_sagas_only
+):
+    tasks = settled_demo_tasks()
+    open_breaker("s3")
+    running = demo_task("order-1046", {"sleep_ms": {"ship": 30_000}})
+    engine.wait_for(
+        lambda: StepRecord.objects.filter(task=running, name="ship", progress__gte=20).exists(),
+        30,
+        message="the slow task's ship step did not progress",
+    )
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = console.page
+    console.login(operator_user)
+    shots = {
+        "dashboard.png": reverse("sagas-dashboard"),
+        "task-list.png": reverse("admin:sagas_taskinstance_changelist"),
+        "task-running.png": task_path(running),
+        "task-compensation-failed.png": task_path(tasks["order-1044"]),
+        "inbox.png": reverse("sagas-inbox"),
+        "breakers.png": reverse("sagas-breakers"),
+    }
+    for name, path in shots.items():
+        console.goto(path)
+        page.screenshot(path=str(SCREENSHOTS / name))
