@@ -124,6 +124,10 @@ def test_progress_of_a_running_step_changes_without_a_reload(console, operator_u
     expect(cell.locator(".sagas-status")).to_have_text("completed", timeout=LIVE_TIMEOUT_MS)
     assert console.navigations == loaded, "the page was reloaded"
     assert refreshed(task).status == TaskStatus.COMPLETED
+    polls: list[str] = []
+    console.page.on("request", lambda r: polls.append(r.url) if "/progress/" in r.url else None)
+    console.page.wait_for_timeout(2500)
+    assert polls == [], "the cell still polls a finished task"
 
 
 @pytest.mark.postgres
@@ -456,3 +460,27 @@ def test_screenshots_for_the_operators_guide(
     for name, path in shots.items():
         console.goto(path)
         page.screenshot(path=str(SCREENSHOTS / name))
+
+
+# --- layout at 1400 px ------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_dashboard_panels_fit_their_width_at_1400_px(console, operator_user, one_worker):
+    task, _ = start("chaos", {"sleep_ms": {"ship": 6000}})
+    engine.wait_for(
+        lambda: StepAttempt.objects.filter(step__task=task, outcome="running").exists(), 20
+    )
+    console.login(operator_user, then=reverse("sagas-dashboard"))
+    expect(console.page.locator("#panel-queue")).to_contain_text("busy")
+    overflowing = console.page.evaluate(
+        """() => {
+          const main = document.querySelector('#content-main').getBoundingClientRect();
+          return [...document.querySelectorAll('.sagas-panel, .sagas-panel table')]
+            .filter(e => e.getBoundingClientRect().right > main.right + 1)
+            .map(e => `${e.closest('.sagas-panel').id} ${e.tagName}`
+                      + ` right=${e.getBoundingClientRect().right} > ${main.right}`);
+        }"""
+    )
+    assert not overflowing, f"wider than the page's content at 1400 px: {overflowing}"
