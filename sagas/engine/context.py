@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import DatabaseError, close_old_connections
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -61,10 +62,14 @@ class StepContext:
     def progress(self, percent: int, message: str = "") -> None:
         """Record progress (0-100) for the console; ignored once this attempt is superseded."""
         percent = max(0, min(100, int(percent)))
-        if not StepAttempt.objects.filter(
-            pk=self.attempt_id, outcome=AttemptOutcome.RUNNING
-        ).exists():
-            return
-        StepRecord.objects.filter(task__pk=self.task_id, name=self.step_name).update(
-            progress=percent, progress_message=message[:300]
-        )
+        # One statement: the step's row, only while this attempt is still the running one.
+        current = StepAttempt.objects.filter(pk=self.attempt_id, outcome=AttemptOutcome.RUNNING)
+        try:
+            StepRecord.objects.filter(
+                task__pk=self.task_id, name=self.step_name, pk__in=current.values("step_id")
+            ).update(progress=percent, progress_message=message[:300])
+        except DatabaseError:
+            # Progress is for the console: a database blip must not fail the step's work.
+            log = self.logger or logging.getLogger("sagas.engine")
+            log.warning("progress not recorded (database unreachable)", exc_info=True)
+            close_old_connections()  # a broken connection is reopened by the next query

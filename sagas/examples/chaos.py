@@ -13,14 +13,12 @@ Input keys (all optional), each step-scripting one an object of step name -> int
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import DatabaseError, close_old_connections
 
 from sagas.definitions import ON_EXHAUSTED, RetryPolicy, Saga, StepDefinition
 
@@ -29,8 +27,6 @@ STEPS = ("reserve", "charge", "ship")
 SCRIPTS = {"fail": -1, "fail_compensation": -1, "sleep_ms": 0, "compensation_sleep_ms": 0}
 CANCEL_CHECK_S = 0.05
 PROGRESS_TENTHS = 10  # progress is reported every 10 %
-
-logger = logging.getLogger(__name__)
 
 
 class ChaosFailure(RuntimeError):
@@ -104,14 +100,9 @@ def fail_if_scripted(ctx: Any, step: str, key: str) -> None:
 
 
 def report(ctx: Any, step: str, tenths: int, milliseconds: int) -> None:
-    """Progress is for the console: a database blip while writing it must not fail the step."""
     seconds = milliseconds / 1000
     done = seconds * tenths / PROGRESS_TENTHS
-    try:
-        ctx.progress(tenths * 100 // PROGRESS_TENTHS, f"{step}: {done:.1f} of {seconds:.1f} s")
-    except DatabaseError as exc:
-        logger.warning("%s: progress not recorded (%s)", step, exc)
-        close_old_connections()  # a broken connection is reopened by the next query
+    ctx.progress(tenths * 100 // PROGRESS_TENTHS, f"{step}: {done:.1f} of {seconds:.1f} s")
 
 
 def work_for(ctx: Any, milliseconds: int, on_tenth: Callable[[int], None] | None = None) -> None:

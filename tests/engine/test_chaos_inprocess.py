@@ -97,14 +97,23 @@ def test_a_slow_step_reports_its_progress_every_tenth(monkeypatch):
 
 
 def test_a_progress_write_that_fails_does_not_fail_the_step(monkeypatch):
-    def unreachable(ctx, percent, message=""):
-        raise OperationalError("server closed the connection unexpectedly")
+    from django.db.models import QuerySet
 
-    monkeypatch.setattr(StepContext, "progress", unreachable)
+    update = QuerySet.update
+    failed_writes = []
+
+    def unreachable_for_progress(queryset, **fields):
+        if "progress_message" in fields:  # only ctx.progress's write meets the "outage"
+            failed_writes.append(fields["progress"])
+            raise OperationalError("server closed the connection unexpectedly")
+        return update(queryset, **fields)
+
+    monkeypatch.setattr(QuerySet, "update", unreachable_for_progress)
     task, _ = start("chaos", {"sleep_ms": {"reserve": 100}})
     task = run_to_end(task)
     assert task.status == "completed"
     assert task.steps.get(name="reserve").attempt_count == 1
+    assert failed_writes[:3] == [10, 20, 30]  # every report was tried, none failed the step
 
 
 class FakeContext:
