@@ -436,6 +436,8 @@ def unknown_path(request: HttpRequest, **kwargs: Any) -> JsonResponse:
 
 tasks = resource(GET=Route(list_tasks, VIEW), POST=Route(start_task, ADD, body_required=True))
 task = resource(GET=Route(read_task, VIEW), DELETE=Route(cancel_task, CANCEL))
+
+
 def _operator_route(slug: str, action: ServiceAction) -> Any:
     """The console's permission for the same action (``services.OPERATOR_ACTIONS``)."""
     permission = services.OPERATOR_ACTIONS[slug].permission

@@ -3,7 +3,7 @@ shape). Reads come from ``sagas.overview``; changes go through ``sagas.services`
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib import admin, messages
@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from sagas import overview, services
 from sagas.models import TaskInstance
+from sagas.templatetags.sagas_console import clock
 
 VIEW = "sagas.view_taskinstance"
 
@@ -92,11 +93,15 @@ def reset_breaker(request: HttpRequest, name: str) -> HttpResponse:
     except RedisError:
         messages.error(request, "Nothing changed: Redis is unreachable; try again.")
     else:
-        messages.success(
-            request,
-            f"Breaker {name} reset to closed (it had {before['failures']} failures counted).",
-        )
+        messages.success(request, f"Breaker {name} reset to closed ({_was(before)}).")
     return HttpResponseRedirect(reverse("sagas-breakers"))
+
+
+def _was(before: dict[str, Any]) -> str:
+    if before["open_until"]:
+        until = datetime.fromtimestamp(before["open_until"], UTC)
+        return f"it was open until {clock(until)}"
+    return f"it had counted {before['failures']} failures in a row"
 
 
 @require_GET

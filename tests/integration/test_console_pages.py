@@ -71,7 +71,9 @@ def test_the_inbox_groups_parked_tasks_by_saga_step_and_error(logged_in):
     page = logged_in.get(reverse("sagas-inbox")).content.decode()
     assert "reserve" in page and "charge" in page
     # A group's link lists exactly its tasks.
-    link = re.search(r'href="([^"]*failing_step=reserve[^"]*)"', page).group(1)
+    found = re.search(r'href="([^"]*failing_step=reserve[^"]*)"', page)
+    assert found is not None
+    link = found.group(1)
     listed = logged_in.get(link.replace("&amp;", "&")).content.decode()
     assert listed.count('class="sagas-status sagas-status-compensation_failed"') == 2
 
