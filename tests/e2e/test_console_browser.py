@@ -484,3 +484,40 @@ def test_dashboard_panels_fit_their_width_at_1400_px(console, operator_user, one
         }"""
     )
     assert not overflowing, f"wider than the page's content at 1400 px: {overflowing}"
+
+
+# --- layout at 1400 px ------------------------------------------------------------------------
+
+SPLIT_WORDS = """selector => {
+  const split = [];
+  for (const root of document.querySelectorAll(selector)) {
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    while (walker.nextNode()) {
+      const node = walker.currentNode;
+      if (node.parentElement.closest('pre')) continue;  // tracebacks wrap as they must
+      for (const match of node.textContent.matchAll(/[A-Za-z]{4,}/g)) {
+        const range = document.createRange();
+        range.setStart(node, match.index);
+        range.setEnd(node, match.index + match[0].length);
+        const lines = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+        if (lines.size > 1) split.push(match[0]);
+      }
+    }
+  }
+  return [...new Set(split)];
+}"""
+
+
+def test_words_are_not_broken_mid_word_at_1400_px(console, operator_user, run_jobs):
+    task, _ = start("chaos", {"fail": {"ship": -1}, "fail_compensation": {"reserve": -1}})
+    run_jobs()
+    console.login(operator_user)
+    split = {}
+    for path, cells in (
+        (reverse("sagas-inbox"), "#inbox-groups td"),
+        (reverse("admin:sagas_taskinstance_changelist"), "#result_list td"),
+        (task_path(task), "#task-steps td, #task-steps th"),
+    ):
+        console.goto(path)
+        split[path] = console.page.evaluate(SPLIT_WORDS, cells)
+    assert not any(split.values()), f"words broken across lines: {split}"
