@@ -33,6 +33,7 @@ from sagas.definitions import registry
 from sagas.models import ApiToken, AuditEntry, StepRecord, TaskInstance
 from sagas.states import ACTIVE_TASK_STATUSES, AuditAction, StepStatus
 from sagas.templatetags.sagas_console import clock
+from sagas.views import bulk as bulk_actions
 from sagas.views import operator_actions
 
 HTMX_STOP_POLLING = 286
@@ -162,6 +163,24 @@ class TaskInstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
     paginator = CappedPaginator
     list_per_page = 50
     ordering = ("-created_at", "-id")
+    # Bulk cancel, resolve and redrive, each shown only to users with its permission.
+    actions = bulk_actions.ACTIONS
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return bulk_actions.may_act(request.user, "cancel")
+
+    def has_resolve_permission(self, request: HttpRequest) -> bool:
+        return bulk_actions.may_act(request.user, "resolve")
+
+    def has_redrive_permission(self, request: HttpRequest) -> bool:
+        return bulk_actions.may_act(request.user, "redrive")
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        if request.method == "POST" and not self.get_actions(request):
+            raise PermissionDenied  # a POST here is an action, and this user has none
+        return super().changelist_view(request, extra_context)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskInstance]:
         tasks: QuerySet[TaskInstance] = super().get_queryset(request)
@@ -271,7 +290,10 @@ class TaskInstanceAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
             raise PermissionDenied
         page = self._page_or_404(request, object_id)
         if slug == "cancel" and request.method == "GET":
-            context = self._context(request, page) | {"title": f"Cancel {page.task.saga} task?"}
+            context = self._context(request, page) | {
+                "title": f"Cancel {page.task.saga} task?",
+                "cancellable": action in services.available_actions(page.task, request.user),
+            }
             return render(request, "sagas/task_cancel_confirm.html", context)
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])

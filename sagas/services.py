@@ -391,7 +391,10 @@ def _declared_or_found_breaker(name: str) -> Any:
             if step.breaker is not None and step.breaker.name == name:
                 return step.breaker
     # A breaker left in Redis by a step this deploy no longer has can still be reset.
-    return CircuitBreakerPolicy(name)
+    try:
+        return CircuitBreakerPolicy(name)
+    except ValueError:
+        raise NothingToDo(f"there is no breaker named {name[:100]!r}") from None
 
 
 def release_lock(lock_key: str, token: str, actor: Actor) -> None:

@@ -227,7 +227,10 @@ def undo_plan(page: TaskPage) -> list[list[str]]:
     for view in page.flat_steps:
         step = view.record
         if not step.is_group and step.status in undoable and view.has_compensation:
-            levels.setdefault(step.level, []).append(step.name)
+            running = step.status == StepStatus.RUNNING
+            levels.setdefault(step.level, []).append(
+                f"{step.name} (if it finishes)" if running else step.name
+            )
     return [levels[level] for level in sorted(levels, reverse=True)]
 
 

@@ -14,7 +14,7 @@ register = template.Library()
 @register.filter
 def clock(moment: datetime | None) -> str:
     """``14:03:07`` today, ``2026-11-30 14:03:07`` on another day (local time)."""
-    if moment is None:
+    if not isinstance(moment, datetime):
         return "-"
     local = timezone.localtime(moment)
     if local.date() == timezone.localdate():
