@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import path
 
-from sagas.views import console
+from sagas.views import bulk, console
 
 urlpatterns = [
     path("dashboard/", admin.site.admin_view(console.dashboard), name="sagas-dashboard"),
@@ -18,4 +18,5 @@ urlpatterns = [
     ),
     path("locks/", admin.site.admin_view(console.locks), name="sagas-locks"),
     path("locks/release/", admin.site.admin_view(console.release_lock), name="sagas-lock-release"),
+    path("bulk/<int:pk>/", admin.site.admin_view(bulk.progress), name="sagas-bulk-progress"),
 ]
