@@ -65,7 +65,8 @@ class CappedPaginator(Paginator):  # type: ignore[type-arg]
     @cached_property
     def count(self) -> int:
         rows: Any = self.object_list
-        return int(rows.order_by()[: self.COUNT_CAP + 1].count())
+        # Only the keys: annotations (the running step's progress) are not needed to count.
+        return int(rows.order_by().values("pk")[: self.COUNT_CAP + 1].count())
 
     @property
     def capped(self) -> bool:

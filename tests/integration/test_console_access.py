@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -121,8 +122,8 @@ def _stale_lock(task: TaskInstance) -> str:
         outcome="running",
         worker="crashed-worker",
         lock_token=STALE_TOKEN,
-        heartbeat_at=timezone.now() - timezone.timedelta(minutes=2),
-        heartbeat_expires_at=timezone.now() - timezone.timedelta(minutes=1),
+        heartbeat_at=timezone.now() - timedelta(minutes=2),
+        heartbeat_expires_at=timezone.now() - timedelta(minutes=1),
     )
     name = lock_key(task.pk)
     redis().set(name, STALE_TOKEN, px=60_000)

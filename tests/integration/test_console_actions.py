@@ -325,7 +325,9 @@ def test_a_cancel_click_after_the_task_completed_changes_nothing(operator):
 
 
 def s3_breaker() -> CircuitBreaker:
-    policy = registry.get("create-zip").get_step("upload").breaker
+    upload = registry.get("create-zip").get_step("upload")
+    assert upload is not None
+    policy = upload.breaker
     assert policy is not None and policy.name == "s3"
     return CircuitBreaker(redis(), policy)
 
