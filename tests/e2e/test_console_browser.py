@@ -521,3 +521,44 @@ def test_words_are_not_broken_mid_word_at_1400_px(console, operator_user, run_jo
         console.goto(path)
         split[path] = console.page.evaluate(SPLIT_WORDS, cells)
     assert not any(split.values()), f"words broken across lines: {split}"
+
+
+# --- bulk actions: a real worker runs the job ---------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_operator_bulk_cancels_a_filtered_set_and_watches_its_progress(
+    console, operator_user, workers
+):
+    # More pending chaos tasks than one page shows (so "select all" means the filtered set,
+    # not the page), and finished tasks of another saga the filter leaves out. No worker
+    # runs yet: the tasks stay pending until the bulk job, first in the queue, reaches them.
+    wanted = [start("chaos", {})[0] for _ in range(55)]
+    other = [start("create-zip", {"files": {"a.txt": "a"}})[0] for _ in range(2)]
+    page = console.page
+    console.login(operator_user)
+    console.goto(f"{reverse('admin:sagas_taskinstance_changelist')}?saga=chaos")
+    expect(page.locator("#result_list tbody tr")).to_have_count(50)
+    page.check("#action-toggle")
+    page.click(".actions .question a")  # "Select all 55 task instances"
+    page.select_option("select[name=action]", "cancel_tasks")
+    with page.expect_navigation():
+        page.click(".actions button[type=submit]")
+    expect(page.locator("#bulk-count")).to_have_text("55")
+    page.fill("#bulk-note", "supplier outage: cancel the open orders")
+    with page.expect_navigation():
+        page.click("#confirm-bulk")
+    assert "/admin/sagas/bulk/" in page.url
+    landed = console.navigations
+    expect(page.locator("#bulk-status")).not_to_have_text("done")
+    workers("w1")
+    expect(page.locator("#bulk-status")).to_have_text("done", timeout=LIVE_TIMEOUT_MS * 3)
+    assert console.navigations == landed, "the progress page was reloaded"
+    expect(page.locator("#bulk-succeeded")).to_have_text("55")
+    expect(page.locator("#bulk-skipped")).to_have_text("0")
+    requested = AuditEntry.objects.filter(action=AuditAction.CANCEL_REQUESTED)
+    assert sorted(str(e.task_id) for e in requested) == sorted(str(t.pk) for t in wanted)
+    assert {e.actor for e in requested} == {operator_user}
+    assert all(refreshed(t).status == TaskStatus.CANCELLED for t in wanted)
+    assert all(refreshed(t).status != TaskStatus.CANCELLED for t in other)
