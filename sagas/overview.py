@@ -24,7 +24,7 @@ from sagas.definitions import CircuitBreakerPolicy, registry
 from sagas.engine import apply, dispatch, rescue
 from sagas.engine.breaker import BreakerState
 from sagas.engine.connection import key, queue, redis
-from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
+from sagas.models import AuditEntry, BulkOperation, StepAttempt, StepRecord, TaskInstance
 from sagas.states import (
     ACTIVE_TASK_STATUSES,
     AttemptOutcome,
@@ -377,3 +377,13 @@ def error_type(message: str) -> str:
     """The exception class an engine error starts with (``"ValueError: ..."``)."""
     head = (message or "").split(":", 1)[0].strip()
     return head if head and " " not in head and len(head) <= 100 else "other"
+
+
+# --- bulk operations ----------------------------------------------------------------------------
+
+RECENT_BULK = 5
+
+
+def recent_bulk_operations() -> list[BulkOperation]:
+    """The latest bulk actions, so one left running (or stalled) is visible to everyone."""
+    return list(BulkOperation.objects.order_by("-created_at", "-pk")[:RECENT_BULK])

@@ -60,6 +60,7 @@ def _dashboard_numbers() -> dict[str, Any]:
         "queue": overview.queue_summary(),
         "workers": overview.workers(),
         "open_breakers": overview.open_breakers(),
+        "bulk_operations": overview.recent_bulk_operations(),
         "refreshed_at": timezone.now(),
     }
 
