@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -17,6 +18,7 @@ from redis.exceptions import RedisError
 
 from sagas import overview, services
 from sagas.models import TaskInstance
+from sagas.services import OPERATOR_ACTIONS
 from sagas.templatetags.sagas_console import clock
 
 VIEW = "sagas.view_taskinstance"
@@ -69,7 +71,20 @@ def _dashboard_numbers() -> dict[str, Any]:
 def inbox(request: HttpRequest) -> HttpResponse:
     """Parked tasks grouped by saga, step and error type (failure groups)."""
     _require(request, VIEW)
-    return _page(request, "sagas/inbox.html", "Inbox", groups=overview.inbox_groups())
+    user = request.user
+    return _page(
+        request,
+        "sagas/inbox.html",
+        "Inbox",
+        groups=[(group, _group_url(group)) for group in overview.inbox_groups()],
+        may={slug: user.has_perm(a.permission) for slug, a in OPERATOR_ACTIONS.items()},
+    )
+
+
+def _group_url(group: overview.InboxGroup) -> str:
+    """The task list filtered to one failure group (its tasks and its bulk actions)."""
+    query = {"status__exact": group.status, "saga": group.saga, "failing_step": group.step}
+    return f"{reverse('admin:sagas_taskinstance_changelist')}?{urlencode(query)}"
 
 
 @require_GET

@@ -160,3 +160,33 @@ def test_a_stuck_task_is_found_by_the_one_definition(settings):
     assert overview.stuck_task_ids() == []  # changed too recently
     TaskInstance.objects.filter(pk=task.pk).update(updated_at=timezone.now() - timedelta(hours=1))
     assert overview.stuck_task_ids() == [task.pk]
+
+
+def test_an_inbox_group_action_opens_the_bulk_confirmation_for_that_group(
+    client, saga_operator, saga_viewer
+):
+    for _ in range(2):
+        parked({"fail": {"charge": -1}, "on_exhausted": "dead_letter"})
+    parked({"fail": {"ship": -1}, "fail_compensation": {"reserve": -1}})
+    client.force_login(saga_operator)
+    page = client.get(reverse("sagas-inbox")).content.decode()
+    forms = re.findall(r'<form method="post" action="([^"]+)".*?</form>', page, re.S)
+    redrive = next(
+        f
+        for f in re.findall(
+            r'<form method="post" action="([^"]+)"[^>]*>.*?value="(\w+_tasks)"', page, re.S
+        )
+        if f[1] == "redrive_tasks"
+    )
+    assert len(forms) == 3  # redrive all, cancel all (dead-lettered); resolve all
+    url = redrive[0].replace("&amp;", "&")
+    fields = {"action": "redrive_tasks", "select_across": "1", "index": "0"}
+    answer = client.post(url, fields | {"_selected_action": "group"})
+    confirmation = answer.content.decode()
+    assert answer.status_code == 200
+    assert re.search(r'<strong id="bulk-count">2</strong>', confirmation)
+    client.force_login(saga_viewer)
+    assert (
+        '<form method="post" action="/admin/sagas/taskinstance/'
+        not in client.get(reverse("sagas-inbox")).content.decode()
+    )
