@@ -170,6 +170,7 @@ def test_an_inbox_group_action_opens_the_bulk_confirmation_for_that_group(
     parked({"fail": {"ship": -1}, "fail_compensation": {"reserve": -1}})
     client.force_login(saga_operator)
     page = client.get(reverse("sagas-inbox")).content.decode()
+    assert "{#" not in page and "{%" not in page  # no template syntax leaks as text
     forms = re.findall(r'<form method="post" action="([^"]+)".*?</form>', page, re.S)
     redrive = next(
         f
