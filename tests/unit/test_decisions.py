@@ -1165,3 +1165,32 @@ def test_a_cancel_records_who_asked_and_stops_waiting_retries_at_once():
         "ops",
         {"reason": "customer called", "by": "operator", "from_status": "waiting_retry"},
     )
+
+
+# --- where a mutation run found nothing watching ---------------------------------------------
+
+
+def test_a_breaker_open_past_the_groups_deadline_gives_the_branch_up_at_once():
+    fan = {"status": "running", "deadline_at": NOW + timedelta(seconds=5)}
+    before = plan_for(grouped(), first={"status": "succeeded"}, fan=fan)
+    decisions.defer_for_breaker(before, before.step("left"), NOW + timedelta(seconds=4), "s3")
+    assert (before.step("left").status, before.step("left").next_attempt_at) == (
+        StepStatus.WAITING_RETRY,
+        NOW + timedelta(seconds=4),
+    )
+    # Half-opening exactly at the deadline is too late: the branch could not run in time.
+    at_deadline = plan_for(grouped(), first={"status": "succeeded"}, fan=fan)
+    left = at_deadline.step("left")
+    decisions.defer_for_breaker(at_deadline, left, NOW + timedelta(seconds=5), "s3")
+    assert left.status != StepStatus.WAITING_RETRY and left.error.startswith("timed out")
+    assert not [a for a in of(at_deadline, Audit) if a.action == "breaker_open"]
+
+
+def test_cancelling_a_running_task_with_only_queued_work_names_who_on_every_move():
+    plan = plan_for(linear(), "running")  # a redriven first step, queued, not started
+    operator = object()
+    answer = requests.cancel(plan, operator, "wrong order")
+    assert (answer.outcome, answer.status) == ("cancelled", "cancelled")
+    moves = of(plan, MoveTask)
+    assert [m.to for m in moves] == ["cancelling", "cancelled"]
+    assert all(m.actor is operator for m in moves)
