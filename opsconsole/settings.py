@@ -180,6 +180,10 @@ SAGAS_SETTLE_RETRY_FOR = env_seconds("SAGAS_SETTLE_RETRY_FOR", "2m")
 # The one definition of a stuck task: active, nothing running or queued for it, and
 # unchanged for longer than this.
 SAGAS_STUCK_AFTER = env_seconds("SAGAS_STUCK_AFTER", "15m")
+# Reconciliation (docs/reconciliation.md): how often the workers start a run, and where
+# the "archive" orphan policy copies an object before deleting it.
+SAGAS_RECONCILE_INTERVAL = env_seconds("SAGAS_RECONCILE_INTERVAL", "6h")
+SAGAS_ARCHIVE_PREFIX = os.environ.get("SAGAS_ARCHIVE_PREFIX", "archive/")
 # How many candidates one reaper job handles before it hands the rest of its pass on.
 SAGAS_REAPER_BATCH = env_int("SAGAS_REAPER_BATCH", 500)
 # Optional URL that receives a JSON POST when a task ends in compensation_failed.
@@ -252,6 +256,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
+        # "Found credentials in environment variables" on every S3 client: noise.
+        "botocore": {"level": "WARNING"},
         "sagas.engine": {"handlers": ["engine"], "level": "INFO", "propagate": False},
     },
 }

@@ -6,9 +6,12 @@ import importlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, overload
 
 from django.core.exceptions import ImproperlyConfigured
+
+from sagas.durations import parse_duration
 
 BACKOFFS = ("exponential", "linear", "constant")
 GROUP_MODES = ("all", "all_settled", "any", "race")
@@ -224,6 +227,17 @@ class ParallelGroup:
 Node = StepDefinition | ParallelGroup
 
 
+ORPHAN_POLICIES = ("report", "delete", "archive")
+DEFAULT_ORPHAN_GRACE = timedelta(hours=48)
+
+
+def _orphan_grace(saga: str, value: timedelta | str) -> timedelta:
+    grace = parse_duration(value) if isinstance(value, str) else value
+    if not isinstance(grace, timedelta) or grace < timedelta(0):
+        raise ValueError(f"saga {saga!r}: orphan_grace must be a duration such as '48h'")
+    return grace
+
+
 class Saga:
     """An ordered list of steps with the options that apply to every task of it."""
 
@@ -233,6 +247,8 @@ class Saga:
         *,
         cancellable: bool = False,
         s3_prefix: str = "",
+        orphan_policy: str = "report",
+        orphan_grace: timedelta | str = DEFAULT_ORPHAN_GRACE,
         lock_expiry_s: int = 60,
         deadline_s: int | None = None,
         validate_input: InputValidator | None = None,
@@ -252,6 +268,9 @@ class Saga:
         self.name = name
         self.cancellable = bool(cancellable)
         self.s3_prefix = s3_prefix
+        self.orphan_policy = orphan_policy
+        self.orphan_grace = _orphan_grace(name, orphan_grace)
+        self._check_reconciliation_options()
         self.lock_expiry_s = lock_expiry_s
         self.deadline_s = deadline_s
         self.validate_input = validate_input
@@ -262,6 +281,18 @@ class Saga:
 
     def __repr__(self) -> str:
         return f"<Saga {self.name} ({len(self.steps)} steps)>"
+
+    def _check_reconciliation_options(self) -> None:
+        if self.s3_prefix and not self.s3_prefix.endswith("/"):
+            raise ValueError(
+                f"saga {self.name!r}: s3_prefix {self.s3_prefix!r} must end with '/' "
+                "(so a sibling such as 'create-zip-old/' is never under it)"
+            )
+        if self.orphan_policy not in ORPHAN_POLICIES:
+            raise ValueError(
+                f"saga {self.name!r}: unknown orphan_policy {self.orphan_policy!r}; "
+                f"use one of {', '.join(ORPHAN_POLICIES)}"
+            )
 
     @overload
     def step(self, fn: StepFunction) -> StepDefinition: ...

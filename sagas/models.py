@@ -418,3 +418,128 @@ class BulkOperation(models.Model):
     @property
     def finished(self) -> bool:
         return self.status in (BulkStatus.DONE, BulkStatus.FAILED)
+
+
+class OwnedKey(models.Model):
+    """An S3 key a step owns (its ``data`` names it as ``"Key"`` or ``"Keys"``): the
+    engine writes it with the step's data and removes it when the step is compensated, so
+    reconciliation asks an index whether a key is owned instead of reading step data."""
+
+    step = models.ForeignKey(StepRecord, on_delete=models.CASCADE, related_name="owned_keys")
+    saga = models.CharField(max_length=100)
+    key = models.CharField(max_length=1024)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # The last reconciliation run whose S3 listing contained the key: the keys a run did
+    # not see are the candidates for missing objects (one indexed query, no set in memory).
+    seen_by_run = models.PositiveBigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["key", "step_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["key", "step"], name="owned_key_unique_per_step"),
+        ]
+        indexes = [
+            models.Index(fields=["saga", "seen_by_run"], name="owned_key_saga_seen_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class RunTrigger(models.TextChoices):
+    SCHEDULE = "schedule"
+    COMMAND = "command"
+    CONSOLE = "console"
+
+
+class RunStatus(models.TextChoices):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ReconciliationRun(models.Model):
+    """One reconciliation pass over one saga (or every saga with a prefix: ``saga`` empty)."""
+
+    saga = models.CharField(max_length=100, blank=True)
+    trigger = models.CharField(max_length=16, choices=RunTrigger.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    applied = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.RUNNING)
+    holder = models.CharField(max_length=200, blank=True, help_text="host:pid running it.")
+    started_at = models.DateTimeField(auto_now_add=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    counts = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        constraints = [
+            # At most one run at a time, across all workers and hosts.
+            models.UniqueConstraint(
+                fields=["status"],
+                condition=Q(status=RunStatus.RUNNING),
+                name="reconciliation_one_running",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"reconciliation #{self.pk} {self.saga or 'all sagas'} ({self.status})"
+
+
+class FindingKind(models.TextChoices):
+    ORPHAN_OBJECT = "orphan_object"
+    RECENT_ORPHAN = "recent_orphan"
+    MISSING_OBJECT = "missing_object"
+    STUCK_TASK = "stuck_task"
+    STALE_LOCK = "stale_lock"
+
+
+class FindingState(models.TextChoices):
+    OPEN = "open"
+    DELETED = "deleted"
+    ARCHIVED = "archived"
+    IGNORED = "ignored"
+    RESOLVED = "resolved"
+
+
+class Finding(models.Model):
+    """Something reconciliation found; one per (saga, kind, key) across runs."""
+
+    run = models.ForeignKey(
+        ReconciliationRun,
+        on_delete=models.PROTECT,
+        related_name="findings",
+        help_text="The latest run that saw it.",
+    )
+    kind = models.CharField(max_length=32, choices=FindingKind.choices)
+    saga = models.CharField(max_length=100)
+    key = models.CharField(max_length=1024)
+    task = models.ForeignKey(
+        TaskInstance, null=True, blank=True, on_delete=models.SET_NULL, related_name="findings"
+    )
+    state = models.CharField(max_length=16, choices=FindingState.choices, default=FindingState.OPEN)
+    details = models.JSONField(default=dict, blank=True)
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    acted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    acted_by_name = models.CharField(max_length=150, blank=True)
+    acted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_seen", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["saga", "kind", "key"], name="finding_unique_key"),
+        ]
+        indexes = [
+            models.Index(fields=["state", "saga", "kind"], name="finding_state_idx"),
+        ]
+        permissions = [("act_on_finding", "Can delete, archive or ignore findings and start a run")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.key} ({self.state})"

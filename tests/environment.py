@@ -18,6 +18,8 @@ os.environ.setdefault("DJANGO_DEBUG", "0")
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-" + secrets.token_urlsafe(40))
 os.environ.setdefault("DJANGO_ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
 os.environ.setdefault("DJANGO_SECURE_SSL_REDIRECT", "0")
+# In-process workers would otherwise start a reconciliation run in every test's first drain.
+os.environ.setdefault("SAGAS_RECONCILE_INTERVAL", "0s")
 os.environ.setdefault("SAGAS_VAR_DIR", tempfile.mkdtemp(prefix="opsconsole-test-var-"))
 # Until the private server is up, point at a port nothing listens on, never the machine's Redis.
 os.environ["REDIS_URL"] = "redis://127.0.0.1:1/0"

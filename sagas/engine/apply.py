@@ -20,7 +20,7 @@ from django.db.models import QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from sagas import audit
+from sagas import audit, ownership
 from sagas.definitions import registry
 from sagas.engine import dispatch, notify, stopping
 from sagas.engine.plan import (
@@ -43,7 +43,7 @@ from sagas.engine.plan import (
 )
 from sagas.engine.rescue import Timing, wake_time
 from sagas.models import StepAttempt, StepRecord, TaskInstance
-from sagas.states import AttemptKind, AttemptOutcome
+from sagas.states import AttemptKind, AttemptOutcome, StepStatus
 from sagas.transitions import transition, transition_step
 
 logger = logging.getLogger("sagas.engine")
@@ -276,14 +276,30 @@ class _Writer:
             raise ConcurrentChange(f"task {self.loaded.task.pk} changed under its lock")
 
     def _MoveStep(self, e: MoveStep) -> None:
-        if not transition_step(self.step(e.step), e.to, fields=e.fields):  # type: ignore[arg-type]
+        step = self.step(e.step)
+        owned_before = ownership.keys_in(step.data)
+        if not transition_step(step, e.to, fields=e.fields):  # type: ignore[arg-type]
             raise ConcurrentChange(f"step {e.step} changed under its task's lock")
+        self._track_ownership(step, e.fields, e.to, owned_before)
 
     def _UpdateStep(self, e: UpdateStep) -> None:
         step = self.step(e.step)
+        owned_before = ownership.keys_in(step.data)
         StepRecord.objects.filter(pk=step.pk).update(**e.fields)
         for name, value in e.fields.items():
             setattr(step, name, value)
+        self._track_ownership(step, e.fields, None, owned_before)
+
+    def _track_ownership(
+        self, step: StepRecord, fields: dict[str, Any], to: Any, owned_before: list[str]
+    ) -> None:
+        """Keep the owned-keys index (reconciliation's) in step with the step's data; steps
+        whose data names no key, before or after, cost no query."""
+        if to == StepStatus.COMPENSATED:
+            if owned_before:
+                ownership.release(step)
+        elif "data" in fields and (owned_before or ownership.keys_in(fields["data"])):
+            ownership.record(step, self.loaded.task.saga, fields["data"])
 
     def _UpdateTask(self, e: UpdateTask) -> None:
         self.task_fields.update(e.fields)

@@ -55,6 +55,10 @@ CADENCE_KEY = key("reaper", "cadence")
 FOLLOW_UP_KEY = key("reaper", "follow-up")
 WATCH_KEY = key("reaper", "watch")
 REAPER_JOB = "sagas.engine.reaper.reaper_pass"
+# Reconciliation runs as its own job on the same cadence mechanism; by dotted path, as
+# the engine must not import what sits above it.
+RECONCILE_CADENCE_KEY = key("reconcile", "cadence")
+RECONCILE_JOB = "sagas.reconciliation.scheduled_run"
 JOB_OPTIONS: dict[str, Any] = {"result_ttl": 0, "job_timeout": 600}
 
 
@@ -143,6 +147,20 @@ def schedule_pass() -> bool:
     if not redis().set(CADENCE_KEY, "1", nx=True, px=interval_ms):
         return False
     queue().enqueue(REAPER_JOB, at_front=True, **JOB_OPTIONS)
+    return True
+
+
+def schedule_reconciliation() -> bool:
+    """From a worker's maintenance: enqueue a reconciliation run once per
+    ``SAGAS_RECONCILE_INTERVAL`` fleet-wide (the run itself allows one at a time); ``0s``
+    switches the schedule off (the test suite does)."""
+    if settings.SAGAS_RECONCILE_INTERVAL <= 0:
+        return False
+    interval_ms = max(1000, int(settings.SAGAS_RECONCILE_INTERVAL * 1000))
+    if not redis().set(RECONCILE_CADENCE_KEY, "1", nx=True, px=interval_ms):
+        return False
+    timeout = max(600, int(settings.SAGAS_RECONCILE_INTERVAL))
+    queue().enqueue(RECONCILE_JOB, result_ttl=0, job_timeout=timeout)
     return True
 
 

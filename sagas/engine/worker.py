@@ -52,6 +52,7 @@ class ReaperMixin:
             self._last_reaper_check = time.monotonic()
             try:
                 reaper.schedule_pass()
+                reaper.schedule_reconciliation()
                 self._revive_scheduler()
             except RedisError as exc:  # the dequeue loop reports Redis trouble on its own
                 logger.warning("could not schedule a reaper pass: %s", exc)

@@ -34,6 +34,7 @@ create_zip = Saga(
     "create-zip",
     cancellable=True,
     s3_prefix="create-zip/",
+    orphan_policy="delete",  # with the default 48 h grace, as seed 004's example does
     validate_input=validate_files,
     description="Zip the given text files and upload the archive to S3.",
 )

@@ -1,0 +1,139 @@
+"""Reconciliation findings: one per (saga, kind, key) across runs, and their state changes.
+
+A later run updates the finding it sees again (so an ``ignored`` orphan stays ignored),
+reopens one that was closed and came back, and closes those it no longer sees. Every
+change of a finding's state is a compare-and-set update plus an audit entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from django.db import transaction
+
+from sagas import audit
+from sagas.models import AuditEntry, Finding, FindingKind, FindingState, ReconciliationRun
+from sagas.states import AuditAction
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser
+
+_S = FindingState
+ALLOWED: dict[str, frozenset[str]] = {
+    _S.OPEN: frozenset({_S.DELETED, _S.ARCHIVED, _S.IGNORED, _S.RESOLVED}),
+    _S.IGNORED: frozenset({_S.OPEN, _S.RESOLVED}),
+    _S.DELETED: frozenset({_S.OPEN}),
+    _S.ARCHIVED: frozenset({_S.OPEN}),
+    _S.RESOLVED: frozenset({_S.OPEN}),
+}
+ACTIONS: dict[str, str] = {
+    _S.OPEN: AuditAction.FINDING_REOPENED,
+    _S.DELETED: AuditAction.ORPHAN_DELETED,
+    _S.ARCHIVED: AuditAction.ORPHAN_ARCHIVED,
+    _S.IGNORED: AuditAction.FINDING_IGNORED,
+    _S.RESOLVED: AuditAction.FINDING_RESOLVED,
+}
+# Still being looked at: a run that sees one again keeps its state.
+LIVE = (_S.OPEN, _S.IGNORED)
+CLOSE_BATCH = 500
+
+
+def can_change(state: str, to: str) -> bool:
+    return to in ALLOWED.get(state, frozenset())
+
+
+def _audit_entry(
+    finding: Finding, to: str, actor: AbstractBaseUser | None, details: dict[str, Any]
+) -> AuditEntry:
+    user: Any = actor
+    return AuditEntry(
+        task_id=finding.task_id,
+        actor=user,
+        actor_name=audit.actor_name(actor),
+        action=ACTIONS[to],
+        from_status=finding.state,
+        to_status=to,
+        details={
+            "finding": finding.pk,
+            "kind": finding.kind,
+            "saga": finding.saga,
+            "key": finding.key,
+            **details,
+        },
+    )
+
+
+def change_state(
+    finding: Finding,
+    to: str,
+    *,
+    actor: AbstractBaseUser | None = None,
+    details: dict[str, Any] | None = None,
+    now: datetime,
+) -> bool:
+    """Move one finding from the state it was read in; False if it moved meanwhile."""
+    if not can_change(finding.state, to):
+        return False
+    acted = {"acted_by": actor, "acted_by_name": audit.actor_name(actor), "acted_at": now}
+    with transaction.atomic():
+        won = Finding.objects.filter(pk=finding.pk, state=finding.state).update(state=to, **acted)
+        if not won:
+            return False
+        _audit_entry(finding, to, actor, details or {}).save()
+    finding.state = to
+    for name, value in acted.items():
+        setattr(finding, name, value)
+    return True
+
+
+def see(
+    run: ReconciliationRun,
+    kind: FindingKind,
+    saga: str,
+    found: dict[str, dict[str, Any]],
+    *,
+    now: datetime,
+    task_ids: dict[str, Any] | None = None,
+) -> None:
+    """Record what this run saw of one kind (``found``: key -> details, one page's worth)."""
+    if not found:
+        return
+    task_ids = task_ids or {}
+    existing = {f.key: f for f in Finding.objects.filter(saga=saga, kind=kind, key__in=list(found))}
+    with transaction.atomic():
+        for key, details in found.items():
+            finding = existing.get(key)
+            if finding is None:
+                Finding.objects.create(
+                    run=run,
+                    kind=kind,
+                    saga=saga,
+                    key=key,
+                    task_id=task_ids.get(key),
+                    details=details,
+                    first_seen=now,
+                    last_seen=now,
+                )
+                continue
+            if finding.state not in LIVE:
+                change_state(finding, _S.OPEN, details={"run": run.pk}, now=now)
+            Finding.objects.filter(pk=finding.pk).update(
+                run=run, last_seen=now, details=details, task_id=task_ids.get(key)
+            )
+
+
+def close_unseen(
+    run: ReconciliationRun, kinds: Iterable[str], sagas: list[str] | None, *, now: datetime
+) -> int:
+    """Resolve the live findings of these kinds (and sagas; None: all) this run did not see."""
+    query = Finding.objects.filter(kind__in=list(kinds), state__in=LIVE).exclude(run=run)
+    if sagas is not None:
+        query = query.filter(saga__in=sagas)
+    closed, after = 0, 0
+    while batch := list(query.filter(pk__gt=after).order_by("pk")[:CLOSE_BATCH]):
+        reason = {"run": run.pk, "reason": "no longer seen"}
+        closed += sum(change_state(f, _S.RESOLVED, details=reason, now=now) for f in batch)
+        after = batch[-1].pk
+    return closed
