@@ -1194,3 +1194,29 @@ def test_cancelling_a_running_task_with_only_queued_work_names_who_on_every_move
     moves = of(plan, MoveTask)
     assert [m.to for m in moves] == ["cancelling", "cancelled"]
     assert all(m.actor is operator for m in moves)
+
+
+def test_a_step_that_fails_for_good_says_why_in_its_audit_entry_and_the_summary():
+    saga = Saga("audited")
+    saga.step(name="a")(noop).compensate(noop)
+    saga.step(name="b", retry=RetryPolicy(max_retries=1, on_exhausted="compensate"))(noop)
+    plan = plan_for(saga, a={"status": "succeeded"}, b={"status": "running", "attempt_count": 2})
+    decisions.action_ended(plan, plan.step("b"), Outcome("failed", error="card declined"))
+    failed = [a for a in of(plan, Audit) if a.action == "step_failed"]
+    assert [(a.step, a.details) for a in failed] == [
+        (
+            "b",
+            {
+                "error": "card declined",
+                "attempt_count": 2,
+                "critical": True,
+                "on_exhausted": "compensate",
+            },
+        )
+    ]
+    compensating = of(plan, MoveTask)[0]
+    assert (compensating.to, compensating.fields["compensation_reason"]) == (
+        "compensating",
+        "failure",
+    )
+    assert compensating.fields["error_summary"] == "b: card declined"
