@@ -172,3 +172,35 @@ def test_concurrent_transitions_from_one_state_have_exactly_one_winner(targets):
     entries = AuditEntry.objects.filter(task=task, from_status="running")
     assert entries.count() == 1
     assert entries.get().to_status == stored.status
+
+
+# --- where a mutation run of transitions.py found nothing watching ----------------------------
+
+
+def test_a_step_with_the_right_status_but_an_older_version_loses(task):
+    step = StepRecord.objects.get(task=task, name="reserve")
+    assert transition_step(step, StepStatus.RUNNING)
+    stale = StepRecord.objects.get(pk=step.pk)  # running, version 1
+    assert transition_step(step, StepStatus.WAITING_RETRY)
+    assert transition_step(step, StepStatus.RUNNING)  # running again, version 3
+    assert not transition_step(stale, StepStatus.SUCCEEDED, fields={"data": {"late": 1}})
+    stored = StepRecord.objects.get(pk=step.pk)
+    assert (stored.status, stored.version, stored.data) == ("running", 3, step.data)
+
+
+def test_a_won_step_transition_is_seen_in_memory_with_its_fields(task):
+    from django.db.models.functions import Now
+
+    step = StepRecord.objects.get(task=task, name="reserve")
+    assert transition_step(step, StepStatus.RUNNING, fields={"started_at": Now(), "progress": 5})
+    # Plain values are copied onto the object; a database expression is not (re-read it).
+    assert (step.status, step.version, step.progress) == ("running", 1, 5)
+    assert step.started_at is None or not hasattr(step.started_at, "resolve_expression")
+    assert StepRecord.objects.get(pk=step.pk).started_at is not None
+
+
+def test_a_task_transition_about_a_step_names_the_step_in_its_audit_entry(task):
+    step = StepRecord.objects.get(task=task, name="reserve")
+    assert transition(task, TaskStatus.RUNNING, step=step)
+    entry = AuditEntry.objects.filter(task=task).latest("id")
+    assert entry.step == step
