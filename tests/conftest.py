@@ -16,6 +16,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def empty_redis():
+    """The suite's private Redis (tests/environment.py), empty before and after the test:
+    queues, breakers, locks and claims of one test never reach the next."""
+    from sagas.engine.connection import redis
+
+    redis().flushdb()
+    yield
+    redis().flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server over HTTP for the whole run, with the bucket ``opsconsole-test``."""
+    from sagas.embedded import EmbeddedS3
+
+    server = EmbeddedS3("opsconsole-test")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def operator(django_user_model):
     """A staff user with the view and cancel permissions an on-call operator has."""
     from django.contrib.auth.models import Permission

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import User
 
-from sagas.engine.connection import redis
 from sagas.models import AuditEntry, TaskInstance
 from sagas.services import start
 from sagas.states import TaskStatus
@@ -58,13 +57,6 @@ def ran_to(status: str, chaos_input: dict[str, Any]) -> TaskInstance:
 def operator_api(make_user, token_client):
     """A token client whose user may see, resolve, retry compensations and redrive."""
     return token_client(make_user("night-shift", *OPERATOR_PERMISSIONS))
-
-
-@pytest.fixture
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
 
 
 # --- success -------------------------------------------------------------------------

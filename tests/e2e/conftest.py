@@ -190,13 +190,3 @@ def operator_user(django_user_model: Any) -> Any:
 @pytest.fixture
 def viewer_user(django_user_model: Any) -> Any:
     return console_user(django_user_model, "victor-viewer", "Saga viewers")
-
-
-@pytest.fixture
-def fresh_redis() -> Iterator[None]:
-    """The suite's private Redis, empty before and after (queues, breakers, locks)."""
-    from sagas.engine.connection import redis
-
-    redis().flushdb()
-    yield
-    redis().flushdb()

@@ -30,7 +30,7 @@ from sagas.states import AuditAction, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
 from tests.engine import conftest as engine
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("fresh_redis")]
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_redis")]
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 HOSTILE = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')

@@ -37,10 +37,8 @@ def restore_signal_handlers():
 
 
 @pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
+def every_test_starts_with_an_empty_redis(empty_redis):
+    """Every engine test runs against an emptied Redis (``empty_redis`` in tests/conftest)."""
 
 
 # RQ's scheduler keeps whole seconds, so a 20 ms retry runs up to a second late. In the

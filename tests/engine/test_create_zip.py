@@ -9,19 +9,11 @@ import zipfile
 import boto3
 import pytest
 
-from sagas.embedded import EmbeddedS3
 from sagas.examples.create_zip import delete_upload
 from sagas.services import start
 from tests.engine.conftest import run_to_end
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    server = EmbeddedS3("opsconsole-test")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

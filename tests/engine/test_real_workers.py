@@ -5,8 +5,6 @@ Worker processes cannot see an in-memory SQLite test database, so these run on P
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
@@ -16,7 +14,7 @@ from sagas.engine.connection import redis
 from sagas.models import AuditEntry, StepAttempt
 from sagas.services import start
 from sagas.states import AttemptKind
-from tests.engine.conftest import descendants, terminal, wait_for
+from tests.engine.conftest import kill_tree, terminal, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -69,10 +67,7 @@ def test_kill_9_of_worker_and_horse_mid_step_is_recovered_by_the_reaper(workers)
         30,
         message="ship never started",
     )
-    horses = descendants(doomed.pid)
-    os.kill(doomed.pid, signal.SIGKILL)
-    for pid in horses:
-        os.kill(pid, signal.SIGKILL)
+    kill_tree(doomed.pid)  # the worker and its work horse, SIGKILL: no finally runs
     workers("rescuer")
     wait_for(lambda: terminal(task), 90, message="task was not recovered")
     assert task.status == "completed"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from datetime import timedelta
 
 import pytest
@@ -13,7 +11,7 @@ from sagas import reconciliation
 from sagas.engine.connection import redis
 from sagas.models import Finding, StepAttempt, TaskInstance
 from sagas.services import start
-from tests.engine.conftest import descendants, wait_for
+from tests.engine.conftest import kill_tree, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -28,10 +26,7 @@ def test_a_killed_workers_task_is_a_stuck_task_and_its_lock_a_stale_lock(workers
         30,
         message="ship never started",
     )
-    horses = descendants(doomed.pid)
-    os.kill(doomed.pid, signal.SIGKILL)
-    for pid in horses:
-        os.kill(pid, signal.SIGKILL)
+    kill_tree(doomed.pid)  # the worker and its work horse, SIGKILL: no finally runs
     attempt.refresh_from_db()
     # What time does to a killed worker, without waiting for it: its lock outlives it (as a
     # saga's longer lock expiry would), its heartbeat and RQ registration expire, and the

@@ -29,12 +29,7 @@ CHANGELIST = reverse("admin:sagas_taskinstance_changelist")
 VIEW_PERMS = ["view_taskinstance", "view_steprecord", "view_auditentry"]
 ACT_PERMS = ["cancel_taskinstance", "resolve_taskinstance", "redrive_taskinstance"]
 
-
-@pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
+pytestmark = pytest.mark.usefixtures("empty_redis")
 
 
 def make_user(django_user_model, name, codenames):

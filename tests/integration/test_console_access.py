@@ -37,7 +37,7 @@ from sagas.states import CompensationReason, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
 from tests.conftest import console_group
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_redis")]
 
 ROLES = ("anonymous", "staff", "viewer", "operator")
 GROUP_OF_ROLE = {"viewer": "Saga viewers", "operator": "Saga operators"}
@@ -128,13 +128,6 @@ def _stale_lock(task: TaskInstance) -> str:
     name = lock_key(task.pk)
     redis().set(name, STALE_TOKEN, px=60_000)
     return name
-
-
-@pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
 
 
 @pytest.fixture

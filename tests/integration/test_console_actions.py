@@ -30,16 +30,9 @@ from sagas.transitions import transition, transition_step
 from tests.conftest import console_group
 from tests.engine.conftest import run_to_end
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_redis")]
 
 NOTE = "card processor fixed, ticket OPS-42"
-
-
-@pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,8 @@ from django.test import Client
 import tests.integration.test_console_access as access
 from sagas.engine.connection import redis
 from sagas.models import AuditEntry, BulkOperation
-from tests.conftest import console_group
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_redis")]
 
 TOKEN_FIELD = "csrfmiddlewaretoken"
 
@@ -77,24 +76,15 @@ def post_form(page: str, action_ends_with: str) -> Form:
     return found[0]
 
 
-@pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
-
-
 @pytest.fixture
 def world(django_user_model) -> access.World:
     return access.build_world(django_user_model)
 
 
 @pytest.fixture
-def browser(django_user_model) -> Client:
-    operator = django_user_model.objects.create_user("csrf-operator", is_staff=True)
-    operator.groups.add(console_group("Saga operators"))
+def browser(saga_operator) -> Client:
     client = Client(enforce_csrf_checks=True)
-    client.force_login(operator)
+    client.force_login(saga_operator)
     return client
 
 

@@ -14,30 +14,19 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from sagas import audit
-from sagas.engine.connection import redis
 from sagas.models import StepAttempt, StepRecord, TaskInstance
 from sagas.services import start
 from sagas.states import CompensationReason, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
-from tests.conftest import console_group
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_redis")]
 
 
 @pytest.fixture
-def browser(django_user_model) -> Client:
+def browser(saga_operator) -> Client:
     # An operator: the task page also renders its action forms.
-    operator = django_user_model.objects.create_user("queries-operator", is_staff=True)
-    operator.groups.add(console_group("Saga operators"))
     client = Client()
-    client.force_login(operator)
+    client.force_login(saga_operator)
     return client
 
 

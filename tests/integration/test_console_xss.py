@@ -15,14 +15,12 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from sagas import audit
-from sagas.engine.connection import redis
 from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
 from sagas.services import start
 from sagas.states import CompensationReason, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
-from tests.conftest import console_group
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_redis")]
 
 SCRIPT = "<script>alert(1)</script>"
 BREAKOUT = '"><img src=x onerror=alert(1)>'
@@ -31,19 +29,10 @@ PAYLOADS = (SCRIPT, BREAKOUT)
 RAW = ("<script>alert(1)", "<img src=x")
 
 
-@pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
-
-
 @pytest.fixture
-def browser(django_user_model) -> Client:
-    operator = django_user_model.objects.create_user("xss-operator", is_staff=True)
-    operator.groups.add(console_group("Saga operators"))
+def browser(saga_operator) -> Client:
     client = Client()
-    client.force_login(operator)
+    client.force_login(saga_operator)
     return client
 
 

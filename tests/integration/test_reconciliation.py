@@ -17,7 +17,6 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from sagas import findings, ownership, reconciliation, storage
-from sagas.embedded import EmbeddedS3
 from sagas.engine.connection import redis
 from sagas.engine.locks import lock_key
 from sagas.examples.create_zip import create_zip
@@ -31,7 +30,7 @@ from sagas.models import (
     TaskInstance,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("empty_redis")]
 
 PREFIX = "create-zip/"
 OWNED = [
@@ -51,13 +50,6 @@ MISSING = "create-zip/missing.zip"
 GRACE = timedelta(seconds=2)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    server = EmbeddedS3("opsconsole-reconcile")
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_server, settings, monkeypatch):
     """A fresh bucket per test on the shared moto server."""
@@ -70,13 +62,6 @@ def s3(s3_server, settings, monkeypatch):
     settings.SAGAS_S3_BUCKET = bucket
     client.bucket = bucket
     return client
-
-
-@pytest.fixture(autouse=True)
-def empty_redis():
-    redis().flushdb()
-    yield
-    redis().flushdb()
 
 
 def put(s3, key: str) -> None:
