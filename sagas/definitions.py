@@ -561,6 +561,16 @@ class SagaRegistry:
     def names(self) -> list[str]:
         return sorted(self._sagas)
 
+    def breakers(self) -> dict[str, tuple[CircuitBreakerPolicy, list[str]]]:
+        """Every breaker the sagas declare, with the ``saga.step`` names behind it."""
+        found: dict[str, tuple[CircuitBreakerPolicy, list[str]]] = {}
+        for saga in (self._sagas[name] for name in self.names()):
+            for step in saga.steps:
+                if step.breaker is not None:
+                    behind = found.setdefault(step.breaker.name, (step.breaker, []))[1]
+                    behind.append(f"{saga.name}.{step.name}")
+        return found
+
     def __contains__(self, name: object) -> bool:
         return name in self._sagas
 

@@ -17,8 +17,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Worker
 
-from sagas.engine.breaker import OPEN, BreakerState
-from sagas.engine.connection import key, queue, redis
+from sagas.engine.breaker import OPEN, all_states
+from sagas.engine.connection import queue, redis
 from sagas.models import TaskInstance
 from sagas.states import TaskStatus
 
@@ -115,17 +115,9 @@ def _as_utc(moment: datetime) -> datetime:
 
 def open_breakers() -> list[dict[str, Any]]:
     """Breakers whose ``open_until`` is still ahead (half-open ones let a trial through)."""
-    client, now = redis(), time.time()
-    prefix = key("breaker", "")
-    found = []
-    for name in client.scan_iter(match=prefix + "*", _type="HASH", count=200):
-        raw = client.hgetall(name)
-        state = BreakerState(int(raw.get(b"failures", 0)), float(raw.get(b"open_until", 0)))
-        if state.status(now) == OPEN:
-            found.append(
-                {
-                    "name": name.decode()[len(prefix) :],
-                    "open_until": datetime.fromtimestamp(state.open_until, UTC),
-                }
-            )
-    return sorted(found, key=lambda b: b["name"])
+    now = time.time()
+    return [
+        {"name": name, "open_until": datetime.fromtimestamp(state.open_until, UTC)}
+        for name, state in all_states(redis()).items()
+        if state.status(now) == OPEN
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Any
 
 from django.db import connection
@@ -22,8 +23,9 @@ from rq import Worker
 from sagas import health
 from sagas.definitions import CircuitBreakerPolicy, registry
 from sagas.engine import apply, dispatch, rescue
-from sagas.engine.breaker import BreakerState
-from sagas.engine.connection import key, queue, redis
+from sagas.engine.breaker import all_states
+from sagas.engine.connection import queue, redis
+from sagas.engine.locks import lock_names, task_of_lock
 from sagas.models import AuditEntry, BulkOperation, StepAttempt, StepRecord, TaskInstance
 from sagas.states import (
     ACTIVE_TASK_STATUSES,
@@ -206,23 +208,11 @@ class BreakerView:
     steps: list[str] = field(default_factory=list)
 
 
-def breaker_policies() -> dict[str, tuple[CircuitBreakerPolicy, list[str]]]:
-    """Every breaker the registry declares, with the ``saga.step`` names behind it."""
-    found: dict[str, tuple[CircuitBreakerPolicy, list[str]]] = {}
-    for saga_name in registry.names():
-        for step in registry.get(saga_name).steps:
-            if step.breaker is not None:
-                found.setdefault(step.breaker.name, (step.breaker, []))[1].append(
-                    f"{saga_name}.{step.name}"
-                )
-    return found
-
-
 def breakers() -> list[BreakerView] | None:
     """Declared breakers and any found in Redis (a removed step's), with their state."""
-    declared = breaker_policies()
+    declared = registry.breakers()
     try:
-        states = _breaker_states(set(declared))
+        states = all_states(redis(), declared)
     except RedisError:
         return None
     now = time.time()
@@ -237,21 +227,6 @@ def breakers() -> list[BreakerView] | None:
         )
         for name, state in sorted(states.items())
     ]
-
-
-def _breaker_states(names: set[str]) -> dict[str, BreakerState]:
-    client = redis()
-    prefix = key("breaker", "")
-    for found in client.scan_iter(match=prefix + "*", _type="HASH", count=200):
-        names.add(found.decode()[len(prefix) :])
-    ordered = sorted(names)
-    pipe = client.pipeline(transaction=False)
-    for name in ordered:
-        pipe.hgetall(key("breaker", name))
-    return {
-        name: BreakerState(int(raw.get(b"failures", 0)), float(raw.get(b"open_until", 0)))
-        for name, raw in zip(ordered, pipe.execute(), strict=True)
-    }
 
 
 def open_breakers() -> list[BreakerView] | None:
@@ -296,18 +271,14 @@ def locks(limit: int = LOCK_SAMPLE) -> list[LockView] | None:
         .order_by("pk")
     }
     return [
-        LockView(name, token, _task_of_lock(name), ttl, attempts.get(token))
+        LockView(name, token, task_of_lock(name), ttl, attempts.get(token))
         for name, token, ttl in held
     ]
 
 
 def _held_locks(limit: int) -> list[tuple[str, str, float | None]]:
     client = redis()
-    names = []
-    for found in client.scan_iter(match=key("lock", "*"), _type="STRING", count=500):
-        names.append(found.decode())
-        if len(names) >= limit:
-            break
+    names = list(islice(lock_names(client), limit))
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.get(name)
@@ -318,11 +289,6 @@ def _held_locks(limit: int) -> list[tuple[str, str, float | None]]:
         if token is not None:
             held.append((name, token.decode(), ttl / 1000 if ttl and ttl > 0 else None))
     return sorted(held)
-
-
-def _task_of_lock(name: str) -> str:
-    prefix = key("lock", "")
-    return name[len(prefix) :].split(":", 1)[0]
 
 
 # --- the inbox ----------------------------------------------------------------------------------

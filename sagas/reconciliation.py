@@ -27,8 +27,8 @@ from redis.exceptions import RedisError
 from sagas import findings, ownership, storage
 from sagas.definitions import Saga, UnknownSaga, registry
 from sagas.engine import apply, dispatch, rescue
-from sagas.engine.connection import key as redis_key
 from sagas.engine.connection import redis
+from sagas.engine.locks import lock_names, task_of_lock
 from sagas.models import (
     Finding,
     FindingKind,
@@ -461,8 +461,8 @@ def _lock_batches() -> Iterator[list[tuple[str, str]]]:
     """Held task locks as (key, token), a batch at a time (SCAN, never KEYS)."""
     client = redis()
     names: list[str] = []
-    for found in client.scan_iter(match=redis_key("lock", "*"), _type="STRING", count=LOCK_BATCH):
-        names.append(found.decode() if isinstance(found, bytes) else found)
+    for name in lock_names(client, LOCK_BATCH):
+        names.append(name)
         if len(names) >= LOCK_BATCH:
             yield _tokens(client, names)
             names = []
@@ -473,10 +473,6 @@ def _lock_batches() -> Iterator[list[tuple[str, str]]]:
 def _tokens(client: Any, names: list[str]) -> list[tuple[str, str]]:
     values = client.mget(names)
     return [(n, v.decode()) for n, v in zip(names, values, strict=True) if v is not None]
-
-
-def _task_of_lock(name: str) -> str:
-    return name[len(redis_key("lock", "")) :].split(":", 1)[0]
 
 
 def _live_tokens(tokens: list[str]) -> set[str]:
@@ -510,7 +506,7 @@ def _record_stale(
             "lock_token", flat=True
         )
     )
-    task_ids = {name: _task_of_lock(name) for name, _ in held}
+    task_ids = {name: task_of_lock(name) for name, _ in held}
     tasks = {
         str(pk): saga
         for pk, saga in TaskInstance.objects.filter(

@@ -20,8 +20,8 @@ from sagas.definitions import CircuitBreakerPolicy, ParallelGroup, Saga, registr
 from sagas.engine import apply, deadlines, decisions, requests
 from sagas.engine.apply import Loaded
 from sagas.engine.breaker import CircuitBreaker
-from sagas.engine.connection import key, redis
-from sagas.engine.locks import release_if_held_by
+from sagas.engine.connection import redis
+from sagas.engine.locks import LOCK_PREFIX, release_if_held_by, task_of_lock
 from sagas.engine.requests import CancelOutcome
 from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
 from sagas.states import AttemptOutcome, TaskStatus
@@ -386,10 +386,9 @@ def reset_breaker(name: str, actor: Actor) -> dict[str, Any]:
 
 
 def _declared_or_found_breaker(name: str) -> Any:
-    for saga_name in registry.names():
-        for step in registry.get(saga_name).steps:
-            if step.breaker is not None and step.breaker.name == name:
-                return step.breaker
+    declared = registry.breakers().get(name)
+    if declared is not None:
+        return declared[0]
     # A breaker left in Redis by a step this deploy no longer has can still be reset.
     try:
         return CircuitBreakerPolicy(name)
@@ -400,7 +399,7 @@ def _declared_or_found_breaker(name: str) -> Any:
 def release_lock(lock_key: str, token: str, actor: Actor) -> None:
     """Release a task lock whose holder is gone: only if its attempt's database heartbeat
     is stale, and only if the lock still holds the token the operator saw."""
-    if not lock_key.startswith(key("lock", "")) or not token:
+    if not lock_key.startswith(LOCK_PREFIX) or not token:
         raise InvalidInput("not a task lock")
     holder = _live_holder(token)
     if holder is not None:
@@ -410,7 +409,7 @@ def release_lock(lock_key: str, token: str, actor: Actor) -> None:
         )
     if not release_if_held_by(redis(), lock_key, token):
         raise NothingToDo("the lock was already released or has a new holder")
-    task_id = _uuid_or_none(_task_of(lock_key))
+    task_id = _uuid_or_none(task_of_lock(lock_key))
     task = TaskInstance.objects.filter(pk=task_id).first() if task_id else None
     audit.record(
         task, AuditAction.LOCK_RELEASED, actor=actor, details={"lock": lock_key, "token": token}
@@ -427,10 +426,6 @@ def _live_holder(token: str) -> Any:
         .select_related("step")
         .first()
     )
-
-
-def _task_of(lock_key: str) -> str:
-    return lock_key[len(key("lock", "")) :].split(":", 1)[0]
 
 
 __all__ = [

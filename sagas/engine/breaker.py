@@ -7,7 +7,9 @@ one trial is let through (half-open) -> closed on its success, open again on its
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 
@@ -63,6 +65,24 @@ return 0
 """
 
 
+def _parse(raw: Mapping[Any, Any]) -> BreakerState:
+    return BreakerState(int(raw.get(b"failures", 0)), float(raw.get(b"open_until", 0)))
+
+
+def all_states(connection: Redis, declared: Iterable[str] = ()) -> dict[str, BreakerState]:
+    """The state of every breaker: those ``declared`` and any found in Redis (a removed
+    step's), in one SCAN and one pipelined read."""
+    prefix = key("breaker", "")
+    names = set(declared)
+    for found in connection.scan_iter(match=prefix + "*", _type="HASH", count=200):
+        names.add(found.decode()[len(prefix) :])
+    ordered = sorted(names)
+    pipe = connection.pipeline(transaction=False)
+    for name in ordered:
+        pipe.hgetall(key("breaker", name))
+    return {name: _parse(raw) for name, raw in zip(ordered, pipe.execute(), strict=True)}
+
+
 class CircuitBreaker:
     """Redis I/O around the pure decisions above."""
 
@@ -73,10 +93,7 @@ class CircuitBreaker:
         self.trial_key = key("breaker", policy.name, "trial")
 
     def state(self) -> BreakerState:
-        raw = self.connection.hgetall(self.key)
-        return BreakerState(
-            failures=int(raw.get(b"failures", 0)), open_until=float(raw.get(b"open_until", 0))
-        )
+        return _parse(self.connection.hgetall(self.key))
 
     def admit(self, now: float | None = None) -> Admission:
         now = time.time() if now is None else now

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from redis import Redis
 
@@ -30,6 +30,20 @@ _RENEW = (
 
 def lock_key(task_id: object, scope: str = "") -> str:
     return key("lock", task_id, scope) if scope else key("lock", task_id)
+
+
+LOCK_PREFIX = lock_key("")
+
+
+def task_of_lock(name: str) -> str:
+    """The task id a lock key names (a branch lock's scope follows it after a colon)."""
+    return name[len(LOCK_PREFIX) :].split(":", 1)[0]
+
+
+def lock_names(connection: Redis, batch: int = 500) -> Iterator[str]:
+    """Every task lock's key, by SCAN (never KEYS), ``batch`` keys per round trip."""
+    for found in connection.scan_iter(match=LOCK_PREFIX + "*", _type="STRING", count=batch):
+        yield found.decode() if isinstance(found, bytes) else found
 
 
 class Lease:

@@ -21,7 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 from playwright.sync_api import expect
 
-from sagas import overview
+from sagas.definitions import registry
 from sagas.engine.breaker import CircuitBreaker
 from sagas.engine.connection import redis
 from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
@@ -67,7 +67,7 @@ def one_worker(workers: Callable[..., Any]) -> None:
 
 def open_breaker(name: str) -> CircuitBreaker:
     """Count a declared breaker's threshold of failures, as failing steps would."""
-    policy, _steps = overview.breaker_policies()[name]
+    policy, _steps = registry.breakers()[name]
     breaker = CircuitBreaker(redis(), policy)
     for _ in range(policy.failure_threshold):
         breaker.record_failure(trial=False)
