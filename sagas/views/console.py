@@ -3,6 +3,7 @@ shape). Reads come from ``sagas.overview``; changes go through ``sagas.services`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -102,15 +103,12 @@ def breakers(request: HttpRequest) -> HttpResponse:
 @require_POST
 def reset_breaker(request: HttpRequest, name: str) -> HttpResponse:
     _require(request, "sagas.reset_breaker")
-    try:
+
+    def reset() -> str:
         before = services.reset_breaker(name, request.user)
-    except services.NothingToDo as nothing:
-        messages.warning(request, f"Nothing changed: {nothing}.")
-    except RedisError:
-        messages.error(request, "Nothing changed: Redis is unreachable; try again.")
-    else:
-        messages.success(request, f"Breaker {name} reset to closed ({_was(before)}).")
-    return HttpResponseRedirect(reverse("sagas-breakers"))
+        return f"Breaker {name} reset to closed ({_was(before)})."
+
+    return _act(request, reset, back="sagas-breakers")
 
 
 def _was(before: dict[str, Any]) -> str:
@@ -137,15 +135,25 @@ def locks(request: HttpRequest) -> HttpResponse:
 def release_lock(request: HttpRequest) -> HttpResponse:
     _require(request, "sagas.release_lock")
     lock_key, token = request.POST.get("key", ""), request.POST.get("token", "")
-    try:
+
+    def release() -> str:
         services.release_lock(lock_key, token, request.user)
+        return f"Released {lock_key}: its holder was gone."
+
+    return _act(request, release, back="sagas-locks")
+
+
+def _act(request: HttpRequest, act: Callable[[], str], back: str) -> HttpResponse:
+    """Run an operator's change; the message says what it did or why nothing changed."""
+    try:
+        done = act()
     except (services.NothingToDo, services.InvalidInput) as nothing:
         messages.warning(request, f"Nothing changed: {_text(nothing)}.")
     except RedisError:
         messages.error(request, "Nothing changed: Redis is unreachable; try again.")
     else:
-        messages.success(request, f"Released {lock_key}: its holder was gone.")
-    return HttpResponseRedirect(reverse("sagas-locks"))
+        messages.success(request, done)
+    return HttpResponseRedirect(reverse(back))
 
 
 def _text(error: Exception) -> str:
