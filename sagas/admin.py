@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from functools import cached_property, partial
+from functools import partial
 from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
 from django.db.models import ForeignKey, OuterRef, QuerySet, Subquery
 from django.forms import ModelChoiceField, ModelForm
 from django.http import (
@@ -29,7 +28,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from sagas import overview, services, task_page
-from sagas.definitions import registry
+from sagas.admin_common import CappedPaginator, ReadOnlyMixin, SagaFilter, details_summary
 from sagas.models import ApiToken, AuditEntry, StepRecord, TaskInstance
 from sagas.states import ACTIVE_TASK_STATUSES, AuditAction, StepStatus
 from sagas.templatetags.sagas_console import clock
@@ -41,49 +40,6 @@ HTMX_STOP_POLLING = 286
 admin.site.site_header = "Saga operations console"
 admin.site.site_title = "Saga operations"
 admin.site.index_title = "Operations"
-
-
-class ReadOnlyMixin:
-    """Nothing here is edited by hand: changes go through the services and are audited."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
-class CappedPaginator(Paginator):  # type: ignore[type-arg]
-    """Counts at most ``COUNT_CAP`` + 1 rows: an exact total over millions of tasks costs a
-    scan for a number nobody reads; the page says "10,000+" instead."""
-
-    COUNT_CAP = 10_000
-
-    @cached_property
-    def count(self) -> int:
-        rows: Any = self.object_list
-        # Only the keys: annotations (the running step's progress) are not needed to count.
-        return int(rows.order_by().values("pk")[: self.COUNT_CAP + 1].count())
-
-    @property
-    def capped(self) -> bool:
-        return self.count > self.COUNT_CAP
-
-
-class SagaFilter(admin.SimpleListFilter):
-    """Saga names come from the registry: no DISTINCT over the whole task table."""
-
-    title = "saga"
-    parameter_name = "saga"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(name, name) for name in registry.names()]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        return queryset.filter(saga=self.value()) if self.value() else queryset
 
 
 class AttentionFilter(admin.SimpleListFilter):
@@ -392,15 +348,6 @@ class AuditEntryAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
         return render_to_string("sagas/_audit_details.html", {"details": entry.details})
 
 
-def details_summary(details: Any, limit: int = 160) -> str:
-    """One line of an entry's details for lists (stack traces are on the entry's page)."""
-    if not isinstance(details, dict):
-        return str(details)[:limit]
-    parts = [f"{k}: {v}" for k, v in details.items() if k != "stack_trace" and v not in ("", None)]
-    text = "; ".join(parts)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 TOKEN_DETAILS = ("user", "name", "prefix", "created_at", "last_used_at", "revoked_at")
 
 
@@ -464,3 +411,7 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         for token in revoked:
             self.log_change(request, token, "Revoked")
         self.message_user(request, f"Revoked {len(revoked)} token(s).")
+
+
+# The reconciliation runs and findings (their own module, registered with the rest).
+from sagas import admin_reconciliation  # noqa: E402, F401

@@ -1,12 +1,14 @@
-"""Bulk cancel, resolve and redrive: one operator's action on many tasks, in the background.
+"""Bulk actions: one operator's action on many tasks (cancel, resolve, redrive) or many
+reconciliation findings (delete, archive, ignore, reopen, re-enqueue, release), in the
+background.
 
-Each task goes through the same service call as the task page's button, so each gets its
-own audit entry with the user as actor and the note. The task ids are frozen when the
+Each target goes through the same service call as a single click would, so each gets its
+own audit entry with the user as actor and the note. The target ids are frozen when the
 operator confirms. Like a reaper pass, a job acts on one batch and hands the rest on as a
 new job at the front of the queue, with an explicit job timeout: no worker is busy with it
 for more than a batch, and a warm shutdown waits for one batch at most.
 
-Resuming: a task's action and the operation's progress (``position`` and the counters)
+Resuming: a target's action and the operation's progress (``position`` and the counters)
 commit in one transaction, so whenever a job dies the row says exactly which tasks were
 acted on, and the next job starts at ``position``: no task is acted on or counted twice.
 ``run`` fences the jobs (each carries its run and writes only while the row still has it).
@@ -31,7 +33,7 @@ from redis.exceptions import RedisError
 from rq.exceptions import DuplicateJobError
 from rq.timeouts import BaseTimeoutException
 
-from sagas import audit, services
+from sagas import audit, finding_actions, services
 from sagas.engine import dispatch
 from sagas.engine.connection import queue
 from sagas.engine.rescue import MISSING
@@ -77,21 +79,58 @@ def job_id(operation_id: int, run: int) -> str:
 # --- starting ---------------------------------------------------------------------------------
 
 
-def start_bulk(action: str, task_ids: Iterable[Any], actor: Any, note: str) -> BulkOperation:
-    """Freeze the task ids and enqueue the first batch once this transaction commits.
+@dataclass(frozen=True)
+class BulkSpec:
+    """A bulk action: what it acts on (``task`` or ``finding``), its permission and note."""
 
-    Raises ``services.InvalidInput`` for an unknown action, a missing note (mandatory for
-    resolve and redrive), an empty selection or more than ``MAX_TASKS`` tasks.
+    slug: str
+    label: str
+    target: str
+    permission: str
+    note_required: bool
+
+
+TASK, FINDING = "task", "finding"
+
+
+def specs() -> dict[str, BulkSpec]:
+    """Every bulk action by slug: the task actions, then the finding actions."""
+    found = {
+        slug: BulkSpec(slug, spec.label, TASK, spec.permission, spec.note_required)
+        for slug, spec in services.OPERATOR_ACTIONS.items()
+        if slug in BulkAction.values
+    }
+    found.update(
+        (slug, BulkSpec(slug, spec.label, FINDING, spec.permission, spec.note_required))
+        for slug, spec in finding_actions.FINDING_ACTIONS.items()
+    )
+    return found
+
+
+def spec_of(action: str) -> BulkSpec:
+    spec = specs().get(action)
+    if spec is None:
+        raise services.InvalidInput(f"no bulk action {action!r}")
+    return spec
+
+
+def start_bulk(action: str, target_ids: Iterable[Any], actor: Any, note: str) -> BulkOperation:
+    """Freeze the target ids and enqueue the first batch once this transaction commits.
+
+    Raises ``services.InvalidInput`` for an unknown action, a missing note (where the
+    action requires one), an empty selection or more than ``MAX_TASKS`` targets.
     """
-    spec = _operator_action(action)
+    spec = spec_of(action)
     note = (note or "").strip()
     if spec.note_required and not note:
         raise services.InvalidInput("a note is required (say what you did and why)")
-    ids = list(dict.fromkeys(str(task_id) for task_id in task_ids))
+    ids = list(dict.fromkeys(str(target_id) for target_id in target_ids))
     if not ids:
-        raise services.InvalidInput("no task is selected")
+        raise services.InvalidInput(f"no {spec.target} is selected")
     if len(ids) > MAX_TASKS:
-        raise services.InvalidInput(f"at most {MAX_TASKS:,} tasks at once; narrow the filter")
+        raise services.InvalidInput(
+            f"at most {MAX_TASKS:,} {spec.target}s at once; narrow the filter"
+        )
     rescue_stalled()
     with transaction.atomic():
         operation = BulkOperation.objects.create(
@@ -99,19 +138,13 @@ def start_bulk(action: str, task_ids: Iterable[Any], actor: Any, note: str) -> B
             actor=actor,
             actor_name=audit.actor_name(actor),
             note=note,
-            task_ids=ids,
+            target_ids=ids,
             total=len(ids),
             progressed_at=timezone.now(),
         )
         _enqueue_after_commit(operation.pk, operation.run)
-    logger.info("bulk %s #%s of %s tasks by %s", action, operation.pk, len(ids), actor)
+    logger.info("bulk %s #%s of %s %ss by %s", action, operation.pk, len(ids), spec.target, actor)
     return operation
-
-
-def _operator_action(action: str) -> services.OperatorAction:
-    if action not in BulkAction.values:
-        raise services.InvalidInput(f"no bulk action {action!r}")
-    return services.OPERATOR_ACTIONS[action]
 
 
 def _enqueue_after_commit(operation_id: int, run: int) -> None:
@@ -153,10 +186,10 @@ def run_bulk(operation_id: int, run: int | None = None) -> None:
         return
     if not _begin(operation):
         return
-    batch = operation.task_ids[operation.position : operation.position + BATCH_SIZE]
+    batch = operation.target_ids[operation.position : operation.position + BATCH_SIZE]
     try:
-        for task_id in batch:
-            _act_and_advance(operation, str(task_id))
+        for target_id in batch:
+            _act_and_advance(operation, str(target_id))
     except Superseded:
         logger.warning("bulk operation %s: another job moved it on; this one stops", operation_id)
         return
@@ -185,27 +218,27 @@ def _current(operation: BulkOperation) -> QuerySet[BulkOperation]:
     return BulkOperation.objects.filter(pk=operation.pk, run=operation.run)
 
 
-def _act_and_advance(operation: BulkOperation, task_id: str) -> None:
-    """Act on one task and move ``position`` past it in one transaction: a job that dies
+def _act_and_advance(operation: BulkOperation, target_id: str) -> None:
+    """Act on one target and move ``position`` past it in one transaction: a job that dies
     at any point has either done both or neither."""
     with transaction.atomic():
-        result = _act(operation, task_id)
-        if not _advance(operation, task_id, result):
-            raise Superseded  # rolls the task's action back with the rest
+        result = _act(operation, target_id)
+        if not _advance(operation, target_id, result):
+            raise Superseded  # rolls the target's action back with the rest
 
 
-def _act(operation: BulkOperation, task_id: str) -> Result:
+def _act(operation: BulkOperation, target_id: str) -> Result:
     try:
-        with transaction.atomic():  # an unexpected error undoes this task only
-            return ACTIONS[operation.action](task_id, operation.actor, operation.note)
+        with transaction.atomic():  # an unexpected error undoes this target only
+            return ACTIONS[operation.action](target_id, operation.actor, operation.note)
     except BaseTimeoutException:
         raise  # the job's timeout ends the job (resumed later), not just this task
     except Exception as exc:
-        logger.exception("bulk operation %s: task %s failed", operation.pk, task_id)
+        logger.exception("bulk operation %s: %s failed", operation.pk, target_id)
         return Result(FAILED, f"{type(exc).__name__}: {exc}")
 
 
-def _advance(operation: BulkOperation, task_id: str, result: Result) -> bool:
+def _advance(operation: BulkOperation, target_id: str, result: Result) -> bool:
     counts = {
         SUCCEEDED: operation.succeeded,
         SKIPPED: operation.skipped,
@@ -218,9 +251,9 @@ def _advance(operation: BulkOperation, task_id: str, result: Result) -> bool:
         "progressed_at": timezone.now(),
     }
     if result.outcome != SUCCEEDED and len(operation.skipped_examples) < SKIPPED_EXAMPLES:
-        fields["skipped_examples"] = [*operation.skipped_examples, f"{task_id}: {result.reason}"]
+        fields["skipped_examples"] = [*operation.skipped_examples, f"{target_id}: {result.reason}"]
     if result.outcome == FAILED:
-        fields["last_error"] = f"{task_id}: {result.reason}"
+        fields["last_error"] = f"{target_id}: {result.reason}"
     if not _current(operation).filter(position=operation.position).update(**fields):
         return False
     for name, value in fields.items():
@@ -292,10 +325,19 @@ def _operate(
     return Result(SUCCEEDED)
 
 
+def _on_finding(slug: str, finding_id: str, actor: Any, note: str) -> Result:
+    try:
+        finding_actions.act(slug, finding_id, actor, note)
+    except services.NothingToDo as nothing:
+        return Result(SKIPPED, str(nothing))
+    return Result(SUCCEEDED)
+
+
 ACTIONS: dict[str, Callable[[str, Any, str], Result]] = {
     BulkAction.CANCEL: _cancel,
     BulkAction.RESOLVE: partial(_operate, services.resolve),
     BulkAction.REDRIVE: partial(_operate, services.redrive),
+    **{slug: partial(_on_finding, slug) for slug in finding_actions.FINDING_ACTIONS},
 }
 
 
@@ -335,8 +377,8 @@ def _resume(row: Mapping[str, Any]) -> bool:
     }
     if row["status"] == BulkStatus.RUNNING and row["resumed_from"] == position:
         # Lost twice at this task (nothing about it committed): give up on it, go on.
-        task_ids = BulkOperation.objects.values_list("task_ids", flat=True).get(pk=row["pk"])
-        error = f"{task_ids[position]}: its job was lost twice while at it; not acted on"
+        targets = BulkOperation.objects.values_list("target_ids", flat=True).get(pk=row["pk"])
+        error = f"{targets[position]}: its job was lost twice while at it; not acted on"
         fields.update(position=position + 1, failed=F("failed") + 1, last_error=error)
     with transaction.atomic():
         won = BulkOperation.objects.filter(

@@ -361,11 +361,18 @@ class ApiToken(models.Model):
 
 
 class BulkAction(models.TextChoices):
-    """The operator actions a bulk operation can apply (``services.OPERATOR_ACTIONS`` slugs)."""
+    """The operator actions a bulk operation can apply: to tasks (``services.OPERATOR_ACTIONS``
+    slugs) or to findings (``finding_actions.FINDING_ACTIONS`` slugs)."""
 
     CANCEL = "cancel"
     RESOLVE = "resolve"
     REDRIVE = "redrive"
+    DELETE_OBJECT = "delete_object"
+    ARCHIVE_OBJECT = "archive_object"
+    IGNORE_FINDING = "ignore_finding"
+    REOPEN_FINDING = "reopen_finding"
+    REQUEUE_TASK = "requeue_task"
+    RELEASE_LOCK = "release_lock"
 
 
 class BulkStatus(models.TextChoices):
@@ -376,9 +383,10 @@ class BulkStatus(models.TextChoices):
 
 
 class BulkOperation(models.Model):
-    """One operator's action on many tasks, run in the background by ``sagas.bulk``.
+    """One operator's action on many tasks or findings (its targets), run in the background
+    by ``sagas.bulk``.
 
-    The task ids are frozen at confirmation; ``position`` is the next one to act on and
+    The target ids are frozen at confirmation; ``position`` is the next one to act on and
     advances in the transaction that acts on a task, so a lost job's successor resumes
     exactly there. ``run`` numbers the jobs: only the job of the current run may write.
     """
@@ -387,7 +395,7 @@ class BulkOperation(models.Model):
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     actor_name = models.CharField(max_length=150)
     note = models.TextField(blank=True)
-    task_ids = models.JSONField(default=list)
+    target_ids = models.JSONField(default=list)
     total = models.PositiveIntegerField(default=0)
     position = models.PositiveIntegerField(default=0)
     succeeded = models.PositiveIntegerField(default=0)

@@ -26,7 +26,17 @@ from sagas.engine import apply, dispatch, rescue
 from sagas.engine.breaker import all_states
 from sagas.engine.connection import queue, redis
 from sagas.engine.locks import lock_names, task_of_lock
-from sagas.models import AuditEntry, BulkOperation, StepAttempt, StepRecord, TaskInstance
+from sagas.models import (
+    AuditEntry,
+    BulkOperation,
+    Finding,
+    FindingKind,
+    FindingState,
+    ReconciliationRun,
+    StepAttempt,
+    StepRecord,
+    TaskInstance,
+)
 from sagas.states import (
     ACTIVE_TASK_STATUSES,
     AttemptOutcome,
@@ -352,4 +362,35 @@ RECENT_BULK = 5
 
 def recent_bulk_operations() -> list[BulkOperation]:
     """The latest bulk actions, so one left running (or stalled) is visible to everyone."""
-    return list(BulkOperation.objects.order_by("-created_at", "-pk")[:RECENT_BULK])
+    return list(
+        BulkOperation.objects.defer("target_ids").order_by("-created_at", "-pk")[:RECENT_BULK]
+    )
+
+
+# --- reconciliation -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FindingsSummary:
+    """Open findings by kind (every kind, zeros included) and the latest run."""
+
+    open_by_kind: list[tuple[str, int]]
+    latest_run: ReconciliationRun | None
+
+    @property
+    def open_total(self) -> int:
+        return sum(n for _, n in self.open_by_kind)
+
+
+def findings_summary() -> FindingsSummary:
+    """One GROUP BY over the open findings (the state index), and the latest run."""
+    counted = dict(
+        Finding.objects.filter(state=FindingState.OPEN)
+        .values_list("kind")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    return FindingsSummary(
+        [(kind, counted.get(kind, 0)) for kind in FindingKind.values],
+        ReconciliationRun.objects.order_by("-started_at", "-pk").first(),
+    )

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from sagas import findings, ownership, storage
 from sagas.definitions import Saga, UnknownSaga, registry
 from sagas.engine import apply, dispatch, rescue
-from sagas.engine.connection import redis
+from sagas.engine.connection import queue, redis
 from sagas.engine.locks import lock_names, task_of_lock
 from sagas.models import (
     Finding,
@@ -370,6 +370,7 @@ def act_on_orphan(
     now: datetime | None = None,
     actor: AbstractBaseUser | None = None,
     policy: str | None = None,
+    note: str = "",
 ) -> str:
     """Delete or archive one orphan after checking it again, at this moment, against S3
     and the database; what happened (``deleted``, ``archived``, ``kept_*``, ``gone``)."""
@@ -388,14 +389,16 @@ def act_on_orphan(
         reason = {"reason": "owned by a step now"}
         findings.change_state(finding, FindingState.RESOLVED, details=reason, now=at)
         return "kept_owned"
-    return _remove(finding, policy, actor, at)
+    return _remove(finding, policy, actor, at, note)
 
 
-def _remove(finding: Finding, policy: str, actor: AbstractBaseUser | None, at: datetime) -> str:
+def _remove(
+    finding: Finding, policy: str, actor: AbstractBaseUser | None, at: datetime, note: str = ""
+) -> str:
     """The finding's state changes first (compare-and-set, so an operator's ignore wins),
     in the transaction that S3's failure rolls back."""
     to = FindingState.ARCHIVED if policy == "archive" else FindingState.DELETED
-    details: dict[str, Any] = {"policy": policy}
+    details: dict[str, Any] = {"policy": policy, **({"note": note} if note else {})}
     if policy == "archive":
         details["archived_as"] = settings.SAGAS_ARCHIVE_PREFIX + finding.key
     with transaction.atomic():
@@ -548,6 +551,41 @@ def scheduled_run() -> None:
         logger.info("scheduled reconciliation skipped: another run is in progress")
     else:
         logger.info("scheduled reconciliation #%s: %s", run.pk, run.counts)
+
+
+CONSOLE_JOB = "sagas.reconciliation.console_run"
+CONSOLE_JOB_TIMEOUT_S = 3600
+
+
+def enqueue_console_run(actor: AbstractBaseUser | None, *, apply_policies: bool) -> str:
+    """Queue a run an operator started (every saga with a prefix), ahead of the backlog;
+    the job's id. The run itself still takes the one running slot when it begins."""
+    job = queue().enqueue(
+        CONSOLE_JOB,
+        actor.pk if actor is not None else None,
+        apply_policies,
+        at_front=True,
+        job_timeout=CONSOLE_JOB_TIMEOUT_S,
+        result_ttl=0,
+        description="reconciliation started from the console",
+    )
+    return str(job.id)
+
+
+def console_run(actor_id: int | None, apply_policies: bool) -> None:
+    """The RQ job of a run an operator started."""
+    from django.contrib.auth import get_user_model
+
+    actor = get_user_model().objects.filter(pk=actor_id).first() if actor_id else None
+    try:
+        run = reconcile(
+            scope_for(), apply_policies=apply_policies, trigger=RunTrigger.CONSOLE, actor=actor
+        )
+    except ReconciliationError as exc:
+        logger.error("reconciliation started from the console failed: %s", exc)
+        return
+    if run is None:
+        logger.info("reconciliation started from the console skipped: another run is in progress")
 
 
 def summary(run: ReconciliationRun) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from django.db.models.functions import Now
 from sagas import audit
 from sagas.audit import AuditAction
 from sagas.definitions import CircuitBreakerPolicy, ParallelGroup, Saga, registry
-from sagas.engine import apply, deadlines, decisions, requests
+from sagas.engine import apply, deadlines, decisions, reaper, requests
 from sagas.engine.apply import Loaded
 from sagas.engine.breaker import CircuitBreaker
 from sagas.engine.connection import redis
@@ -416,6 +416,23 @@ def release_lock(lock_key: str, token: str, actor: Actor) -> None:
     )
 
 
+def requeue_stuck(task_id: Any, actor: Actor, note: str = "") -> reaper.Push:
+    """Push a stuck task (the design's one definition, judged again now): settle its
+    attempts whose heartbeat expired as lost and enqueue what it should have queued."""
+    pk = _uuid_or_none(task_id)
+    task = TaskInstance.objects.filter(pk=pk).first() if pk else None
+    if task is None:
+        raise TaskNotFound(f"no task {task_id}")
+    if not reaper.is_stuck(task.pk):
+        raise NothingToDo(f"the task is no longer stuck (it is {task.status} and moving)")
+    pushed = reaper.push_stuck(task.pk)
+    if not (pushed.lost_attempts or pushed.jobs):
+        raise NothingToDo("nothing to re-enqueue: no step of the task is waiting for a job")
+    details = {"note": note, "lost_attempts": pushed.lost_attempts, "jobs": pushed.jobs}
+    audit.record(task, AuditAction.TASK_REQUEUED, actor=actor, details=details)
+    return pushed
+
+
 def _live_holder(token: str) -> Any:
     return (
         StepAttempt.objects.filter(
@@ -433,6 +450,7 @@ __all__ = [
     "cancel",
     "redrive",
     "release_lock",
+    "requeue_stuck",
     "reset_breaker",
     "resolve",
     "retry_compensation",

@@ -171,3 +171,4 @@ class AuditAction(TextChoices):
     FINDING_REOPENED = "finding_reopened"
     BREAKER_RESET = "breaker_reset"
     LOCK_RELEASED = "lock_released"
+    TASK_REQUEUED = "task_requeued"

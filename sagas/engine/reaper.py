@@ -472,3 +472,46 @@ def _rescue(task_id: Any, report: ReapReport) -> None:
             report.stopped_jobs += 1
         elif getattr(effect, "details", None) and effect.details.get("by") == BY_DEADLINE:
             report.deadlines.append(str(task_id))
+
+
+# --- an operator's push for one stuck task -------------------------------------------------
+
+
+@dataclass
+class Push:
+    """What pushing a stuck task did: attempts settled as lost, jobs enqueued."""
+
+    lost_attempts: int = 0
+    jobs: list[str] = field(default_factory=list)
+
+
+def is_stuck(task_id: Any) -> bool:
+    """The design's one definition, judged now on the task's unlocked rows."""
+    plans = apply.load_plans([task_id], apply.database_now())
+    if not plans:
+        return False
+    states = dispatch.job_states(rescue.jobs_to_check(plans[0]))
+    return rescue.stuck(plans[0], states, apply.timing())
+
+
+def push_stuck(task_id: Any) -> Push:
+    """Do for one task what a reaper pass would, now: its attempts whose heartbeat expired
+    are settled as lost (the operator has looked, so a full expiry need not be watched
+    first), then whatever it should have queued is enqueued, under its row lock."""
+    pushed = Push()
+    expired = StepAttempt.objects.filter(
+        step__task_id=task_id,
+        outcome=AttemptOutcome.RUNNING,
+        heartbeat_expires_at__lt=apply.database_now(),
+    ).only(*LOST_FIELDS)
+    pushed.lost_attempts = sum(_declare_lost(attempt) for attempt in expired)
+
+    def decide(loaded: Loaded) -> list[str]:
+        plan = loaded.plan
+        rescue.rescue(plan, dispatch.job_states(rescue.jobs_to_check(plan)), apply.timing())
+        return [e.job_id for e in plan.effects if isinstance(e, Schedule)]
+
+    pushed.jobs = apply.decide(task_id, decide)
+    for job in pushed.jobs:
+        logger.warning("an operator's push re-enqueues %s for task %s", job, task_id)
+    return pushed

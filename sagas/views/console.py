@@ -49,12 +49,14 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         if getattr(request, "htmx", False)
         else "sagas/dashboard.html"
     )
-    return _page(request, template, "Dashboard", **_dashboard_numbers())
+    return _page(request, template, "Dashboard", **_dashboard_numbers(request))
 
 
-def _dashboard_numbers() -> dict[str, Any]:
+def _dashboard_numbers(request: HttpRequest) -> dict[str, Any]:
     counts = overview.status_counts()
+    may_see_findings = request.user.has_perm("sagas.view_finding")
     return {
+        "findings": overview.findings_summary() if may_see_findings else None,
         "counts": counts,
         "estimated": any(not c.exact for c in counts),
         "attention": [c for c in counts if c.status in overview.ATTENTION_STATUSES],

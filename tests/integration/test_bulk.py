@@ -172,7 +172,7 @@ def test_bulk_cancel_of_a_filtered_set_audits_each_task_and_counts_the_skipped(
     assert response.status_code == 302
     assert response["Location"] == reverse("sagas-bulk-progress", args=[operation.pk])
     assert (operation.total, operation.status, operation.actor) == (50, "queued", lead)
-    assert sorted(operation.task_ids) == sorted(str(t.pk) for t in chaos)
+    assert sorted(operation.target_ids) == sorted(str(t.pk) for t in chaos)
 
     operation = run_to_done(operation)
     assert (operation.status, operation.position, operation.run) == ("done", 50, 3)

@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from sagas import overview
-from sagas.admin import CappedPaginator
+from sagas.admin_common import CappedPaginator
 from sagas.models import StepAttempt, StepRecord, TaskInstance
 from sagas.services import start
 from sagas.states import StepStatus, TaskStatus
