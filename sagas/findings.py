@@ -1,8 +1,10 @@
 """Reconciliation findings: one per (saga, kind, key) across runs, and their state changes.
 
 A later run updates the finding it sees again (so an ``ignored`` orphan stays ignored),
-reopens one that was closed and came back, and closes those it no longer sees. Every
-change of a finding's state is a compare-and-set update plus an audit entry.
+reopens one that was closed and came back, and closes those it no longer sees. An orphan
+is one finding across its two kinds: a ``recent_orphan`` that ages becomes the
+``orphan_object`` (and back, with a larger grace) in the state it had. Every change of a
+finding's state is a compare-and-set update plus an audit entry.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ ACTIONS: dict[str, str] = {
 }
 # Still being looked at: a run that sees one again keeps its state.
 LIVE = (_S.OPEN, _S.IGNORED)
+# One finding per (saga, key) across these kinds: it changes kind, not identity.
+ORPHAN_KINDS: tuple[str, ...] = (FindingKind.ORPHAN_OBJECT, FindingKind.RECENT_ORPHAN)
 CLOSE_BATCH = 500
 
 
@@ -101,7 +105,7 @@ def see(
     if not found:
         return
     task_ids = task_ids or {}
-    existing = {f.key: f for f in Finding.objects.filter(saga=saga, kind=kind, key__in=list(found))}
+    existing = _existing(saga, kind, list(found))
     with transaction.atomic():
         for key, details in found.items():
             finding = existing.get(key)
@@ -116,12 +120,48 @@ def see(
                     first_seen=now,
                     last_seen=now,
                 )
-                continue
-            if finding.state not in LIVE:
-                change_state(finding, _S.OPEN, details={"run": run.pk}, now=now)
-            Finding.objects.filter(pk=finding.pk).update(
-                run=run, last_seen=now, details=details, task_id=task_ids.get(key)
-            )
+            else:
+                _see_again(finding, run, kind, details, task_ids.get(key), now=now)
+
+
+def kinds_of_one_finding(kind: str) -> tuple[str, ...]:
+    """The kinds a key's one finding can take: an orphan is young, then old (or young again
+    with a larger grace), and stays the same finding."""
+    return ORPHAN_KINDS if kind in ORPHAN_KINDS else (kind,)
+
+
+def _existing(saga: str, kind: str, keys: list[str]) -> dict[str, Finding]:
+    """Each key's finding, of this kind if it has one, else of a kind it can take."""
+    kinds = kinds_of_one_finding(kind)
+    rows = Finding.objects.filter(saga=saga, kind__in=kinds, key__in=keys)
+    existing: dict[str, Finding] = {}
+    for finding in rows:
+        if finding.key not in existing or finding.kind == kind:
+            existing[finding.key] = finding
+    return existing
+
+
+def _see_again(
+    finding: Finding,
+    run: ReconciliationRun,
+    kind: str,
+    details: dict[str, Any],
+    task_id: Any,
+    *,
+    now: datetime,
+) -> None:
+    """Update a finding seen again; one of another kind takes this kind, keeping its state
+    (``details["was"]`` says what it was until which run, and stays on later runs)."""
+    if finding.kind != kind:
+        details = {**details, "was": {"kind": finding.kind, "until_run": run.pk}}
+    elif "was" in finding.details:
+        details = {**details, "was": finding.details["was"]}
+    Finding.objects.filter(pk=finding.pk).update(
+        kind=kind, run=run, last_seen=now, details=details, task_id=task_id
+    )
+    finding.kind = kind
+    if finding.state not in LIVE:
+        change_state(finding, _S.OPEN, details={"run": run.pk}, now=now)
 
 
 def close_unseen(

@@ -196,6 +196,63 @@ def test_an_ignored_orphan_stays_ignored_and_a_vanished_one_is_resolved(s3):
     assert actions == ["finding_ignored", "finding_resolved"]
 
 
+def test_an_ignored_young_orphan_that_ages_stays_the_same_ignored_finding(s3, saga_operator):
+    key = "create-zip/young, then old.zip"
+    put(s3, key)
+    run(timezone.now(), grace=timedelta(hours=48))
+    young = Finding.objects.get(key=key)
+    assert young.kind == "recent_orphan"
+    assert findings.change_state(young, "ignored", actor=saga_operator, now=timezone.now())
+    assert create_zip.orphan_policy == "delete"
+    second = run(timezone.now() + timedelta(seconds=5), apply_policies=True, grace=timedelta(0))
+    aged = Finding.objects.get(key=key)
+    assert (aged.pk, aged.kind, aged.state) == (young.pk, "orphan_object", "ignored")
+    assert aged.acted_by == saga_operator and aged.first_seen == young.first_seen
+    assert aged.run_id == second.pk and aged.last_seen > young.last_seen
+    assert aged.details["was"] == {"kind": "recent_orphan", "until_run": second.pk}
+    assert keys(s3) == {key}  # ignored: never deleted by the policy
+    assert second.counts.get("deleted", 0) == 0
+    actions = list(AuditEntry.objects.values_list("action", flat=True))
+    assert actions == ["finding_ignored"]  # a change of kind is not a change of state
+    # later runs keep the note of what it was
+    third = run(timezone.now() + timedelta(seconds=5), grace=timedelta(0))
+    aged.refresh_from_db()
+    assert aged.run_id == third.pk and aged.details["was"]["kind"] == "recent_orphan"
+
+
+def test_an_orphan_seen_young_again_with_a_larger_grace_is_the_same_finding(s3):
+    key = "create-zip/old.zip"
+    put(s3, key)
+    later = timezone.now() + timedelta(days=3)
+    run(later, grace=timedelta(hours=48))
+    old = Finding.objects.get(key=key)
+    assert (old.kind, old.state) == ("orphan_object", "open")
+    second = run(later, grace=timedelta(days=7))
+    young = Finding.objects.get(key=key)
+    assert (young.pk, young.kind, young.state) == (old.pk, "recent_orphan", "open")
+    assert young.details["was"] == {"kind": "orphan_object", "until_run": second.pk}
+    assert not AuditEntry.objects.exists()
+
+
+def test_with_both_orphan_findings_of_a_key_the_kind_seen_is_kept_and_the_other_resolved(s3):
+    key = "create-zip/both.zip"
+    put(s3, key)
+    earlier = ReconciliationRun.objects.create(trigger="command", status="succeeded")
+    now = timezone.now()
+    made = {
+        kind: Finding.objects.create(
+            run=earlier, kind=kind, saga="create-zip", key=key, first_seen=now, last_seen=now
+        )
+        for kind in ("recent_orphan", "orphan_object")
+    }
+    second = run(timezone.now() + timedelta(days=3), grace=timedelta(hours=48))
+    kept = Finding.objects.get(pk=made["orphan_object"].pk)
+    assert (kept.kind, kept.state, kept.run_id) == ("orphan_object", "open", second.pk)
+    assert "was" not in kept.details
+    other = Finding.objects.get(pk=made["recent_orphan"].pk)
+    assert (other.kind, other.state) == ("recent_orphan", "resolved")
+
+
 def test_many_pages_are_streamed(s3, monkeypatch):
     for n in range(25):
         put(s3, f"create-zip/p/{n:03}.zip")
