@@ -51,6 +51,7 @@ logger = logging.getLogger("sagas.reconciliation")
 RUN_STALE_AFTER = timedelta(minutes=10)
 TASK_BATCH = 500
 LOCK_BATCH = 500
+NO_EXPIRY = -1  # Redis PTTL of a key that never expires
 S3_KINDS = (FindingKind.ORPHAN_OBJECT, FindingKind.RECENT_ORPHAN, FindingKind.MISSING_OBJECT)
 JOB = "sagas.reconciliation.scheduled_run"
 
@@ -460,22 +461,41 @@ def find_stuck_tasks(run: ReconciliationRun, sagas: list[str] | None, counts: Co
         _beat(run)
 
 
-def _lock_batches() -> Iterator[list[tuple[str, str]]]:
-    """Held task locks as (key, token), a batch at a time (SCAN, never KEYS)."""
+@dataclass(frozen=True)
+class HeldLock:
+    """A task lock in Redis: its key, its holder's token, and whether it expires."""
+
+    name: str
+    token: str
+    expires: bool  # False (PTTL -1): nobody will release it but an operator
+
+
+def _lock_batches() -> Iterator[list[HeldLock]]:
+    """Held task locks, a batch at a time (SCAN, never KEYS)."""
     client = redis()
     names: list[str] = []
     for name in lock_names(client, LOCK_BATCH):
         names.append(name)
         if len(names) >= LOCK_BATCH:
-            yield _tokens(client, names)
+            yield _held_locks(client, names)
             names = []
     if names:
-        yield _tokens(client, names)
+        yield _held_locks(client, names)
 
 
-def _tokens(client: Any, names: list[str]) -> list[tuple[str, str]]:
-    values = client.mget(names)
-    return [(n, v.decode()) for n, v in zip(names, values, strict=True) if v is not None]
+def _held_locks(client: Any, names: list[str]) -> list[HeldLock]:
+    """The tokens and expiries of a batch in one round trip (MGET and a PTTL each, piped);
+    a lock released meanwhile is left out."""
+    pipe = client.pipeline(transaction=False)
+    pipe.mget(names)
+    for name in names:
+        pipe.pttl(name)
+    values, *ttls = pipe.execute()
+    return [
+        HeldLock(name, value.decode(), ttl != NO_EXPIRY)
+        for name, value, ttl in zip(names, values, ttls, strict=True)
+        if value is not None
+    ]
 
 
 def _live_tokens(tokens: list[str]) -> set[str]:
@@ -489,43 +509,60 @@ def _live_tokens(tokens: list[str]) -> set[str]:
     )
 
 
+def _known_tokens(tokens: list[str]) -> set[str]:
+    return set(
+        StepAttempt.objects.filter(lock_token__in=tokens).values_list("lock_token", flat=True)
+    )
+
+
 def find_stale_locks(run: ReconciliationRun, sagas: list[str] | None, counts: Counts) -> None:
-    """Locks whose attempt is no longer running, or stopped beating. A lock is taken before
-    its attempt row is written, so a token no attempt knows yet is left alone."""
+    """Locks no live attempt holds: see ``stale_reason``."""
     for batch in _lock_batches():
-        live = _live_tokens([token for _, token in batch])
-        held = [(name, token) for name, token in batch if token not in live]
-        _record_stale(run, held, sagas, counts)
+        live = _live_tokens([lock.token for lock in batch])
+        _record_stale(run, [lock for lock in batch if lock.token not in live], sagas, counts)
         _beat(run)
 
 
+def stale_reason(lock: HeldLock, known_tokens: set[str]) -> str | None:
+    """Why a lock no live attempt holds is stale, or None to leave it alone. The engine takes
+    a lock (with an expiry) before it writes its attempt, so an unknown token on a lock that
+    expires is a brand-new lock, or one that goes by itself; without an expiry it stays."""
+    if lock.token in known_tokens:
+        return "its attempt is no longer running or stopped beating"
+    if not lock.expires:
+        return "no expiry and no attempt holds its token"
+    return None
+
+
 def _record_stale(
-    run: ReconciliationRun, held: list[tuple[str, str]], sagas: list[str] | None, counts: Counts
+    run: ReconciliationRun, held: list[HeldLock], sagas: list[str] | None, counts: Counts
 ) -> None:
     if not held:
         return
-    known = set(
-        StepAttempt.objects.filter(lock_token__in=[t for _, t in held]).values_list(
-            "lock_token", flat=True
-        )
-    )
-    task_ids = {name: task_of_lock(name) for name, _ in held}
-    tasks = {
-        str(pk): saga
-        for pk, saga in TaskInstance.objects.filter(
-            pk__in=[t for t in task_ids.values() if _is_uuid(t)]
-        ).values_list("pk", "saga")
-    }
+    known = _known_tokens([lock.token for lock in held])
+    task_ids = {lock.name: task_of_lock(lock.name) for lock in held}
+    saga_of = _sagas_of_tasks(list(task_ids.values()))
     by_saga: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, token in held:
-        saga = tasks.get(task_ids[name], "")
-        if token not in known or (sagas is not None and saga not in sagas):
-            continue  # a brand-new lock, or another saga's
-        by_saga.setdefault(saga, {})[name] = {"token": token, "task": task_ids[name]}
+    for lock in held:
+        task, reason = task_ids[lock.name], stale_reason(lock, known)
+        saga = saga_of.get(task, "")  # "": a lock on no known task
+        if reason is None or (sagas is not None and saga not in sagas):
+            continue
+        by_saga.setdefault(saga, {})[lock.name] = {
+            "token": lock.token,
+            "task": task,
+            "reason": reason,
+        }
     for saga, found in by_saga.items():
-        ids = {name: task_ids[name] for name in found}
+        ids = {name: task_ids[name] for name in found if task_ids[name] in saga_of}
         findings.see(run, FindingKind.STALE_LOCK, saga, found, now=timezone.now(), task_ids=ids)
         counts.add(FindingKind.STALE_LOCK, len(found))
+
+
+def _sagas_of_tasks(task_ids: list[str]) -> dict[str, str]:
+    """Task id -> saga, for the ids that name a task."""
+    rows = TaskInstance.objects.filter(pk__in=[t for t in task_ids if _is_uuid(t)])
+    return {str(pk): saga for pk, saga in rows.values_list("pk", "saga")}
 
 
 def _is_uuid(text: str) -> bool:

@@ -426,6 +426,44 @@ def test_a_task_whose_worker_was_killed_is_a_stuck_task_with_a_stale_lock(s3, se
     assert found(state="resolved") >= {str(task.pk), name}
 
 
+def _running_task() -> TaskInstance:
+    return TaskInstance.objects.create(
+        saga="create-zip", status="running", trace_id="0" * 32, started_at=timezone.now()
+    )
+
+
+def test_a_lock_without_expiry_whose_token_no_attempt_knows_is_a_stale_lock(s3):
+    task = _running_task()
+    name = lock_key(task.pk)
+    redis().set(name, "set-by-hand")  # no PX: nobody would ever release it
+    result = run(None)
+    stale = Finding.objects.get(kind="stale_lock")
+    assert (stale.key, stale.task_id, stale.saga) == (name, task.pk, "create-zip")
+    assert stale.details["token"] == "set-by-hand"
+    assert stale.details["reason"] == "no expiry and no attempt holds its token"
+    assert result.counts["stale_lock"] == 1
+
+
+def test_a_lock_that_expires_whose_token_no_attempt_knows_yet_is_left_alone(s3):
+    task = _running_task()
+    redis().set(lock_key(task.pk), "just-taken", px=60_000)  # the engine's lock, attempt to come
+    result = run(None)
+    assert not Finding.objects.filter(kind="stale_lock").exists()
+    assert result.counts.get("stale_lock", 0) == 0
+
+
+def test_a_lock_without_expiry_on_no_known_task_is_recorded_without_a_task(s3, monkeypatch):
+    monkeypatch.setattr(reconciliation, "LOCK_BATCH", 1)  # a pipeline per batch of one
+    gone = lock_key(uuid.uuid4())
+    by_hand = lock_key("not-a-task")
+    redis().set(gone, "from-a-script")
+    redis().set(by_hand, "from-a-script")
+    result = reconciliation.reconcile(reconciliation.scope_for(None, GRACE))
+    assert result is not None and result.status == "succeeded"
+    stale = Finding.objects.filter(kind="stale_lock")
+    assert {(f.key, f.saga, f.task_id) for f in stale} == {(gone, "", None), (by_hand, "", None)}
+
+
 def test_a_database_failure_exits_1_with_one_line_and_the_run_failed(s3, monkeypatch):
     from django.db import OperationalError
 

@@ -9,6 +9,7 @@ import pytest
 from sagas.definitions import Saga
 from sagas.findings import can_change
 from sagas.ownership import keys_in
+from sagas.reconciliation import HeldLock, stale_reason
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,19 @@ def test_keys_in_step_data(data, expected):
 )
 def test_finding_state_changes(state, to, allowed):
     assert can_change(state, to) is allowed
+
+
+@pytest.mark.parametrize(
+    ("token", "expires", "reason"),
+    [
+        ("dead", True, "its attempt is no longer running or stopped beating"),
+        ("dead", False, "its attempt is no longer running or stopped beating"),
+        ("unknown", True, None),  # brand new (its attempt to come), or it goes by itself
+        ("unknown", False, "no expiry and no attempt holds its token"),
+    ],
+)
+def test_stale_reason_of_a_lock_no_live_attempt_holds(token, expires, reason):
+    assert stale_reason(HeldLock("sagas:lock:t", token, expires), {"dead"}) == reason
 
 
 def test_saga_reconciliation_options():
