@@ -156,7 +156,10 @@ def act(slug: str, finding_id: Any, actor: Actor, note: str) -> str:
     if finding is None:
         raise services.NothingToDo("no such finding")
     if not action.applies(finding.kind, finding.state):
-        raise services.NothingToDo(f"it is a {finding.state} {finding.kind} finding")
+        raise services.NothingToDo(
+            f"the finding is {finding.state}, of kind {finding.kind} (this applies to "
+            f"{' or '.join(action.states)} findings of kind {', '.join(action.kinds)})"
+        )
     # Its state is compared again where it changes (compare-and-set), so a run or
     # another operator that moved it first wins and this one does nothing.
     return action.perform(finding, actor, note)

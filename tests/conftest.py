@@ -57,8 +57,8 @@ def operator(django_user_model):
 
 
 def console_group(name: str):
-    """The group migration 0009 creates; made again if a transactional test's flush took it
-    (data from migrations does not survive TransactionTestCase's flush)."""
+    """The group migrations 0009 and 0013 create; made again if a transactional test's flush
+    took it (data from migrations does not survive TransactionTestCase's flush)."""
     import importlib
 
     from django.apps import apps
@@ -66,6 +66,10 @@ def console_group(name: str):
 
     if not Group.objects.filter(name=name).exists():
         importlib.import_module("sagas.migrations.0009_console_groups").create_groups(apps, None)
+        reconciliation = importlib.import_module(
+            "sagas.migrations.0013_reconciliation_groups_and_owned_keys"
+        )
+        reconciliation.add_permissions(apps, None)
     return Group.objects.get(name=name)
 
 
