@@ -1,4 +1,5 @@
-"""Reconciliation after a real worker was killed with SIGKILL mid-step (Postgres)."""
+"""Reconciliation after a real worker was killed with SIGKILL mid-step (Postgres), and the
+console's actions that clear what it found."""
 
 from __future__ import annotations
 
@@ -7,18 +8,21 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from sagas import reconciliation
+from sagas import finding_actions, reconciliation
 from sagas.engine.connection import redis
-from sagas.models import Finding, StepAttempt, TaskInstance
+from sagas.models import AuditEntry, Finding, StepAttempt, TaskInstance
 from sagas.services import start
-from tests.engine.conftest import kill_tree, wait_for
+from tests.conftest import console_group
+from tests.engine.conftest import kill_tree, terminal, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 
-def test_a_killed_workers_task_is_a_stuck_task_and_its_lock_a_stale_lock(workers):
+def test_a_killed_workers_task_is_a_stuck_task_and_its_lock_a_stale_lock(
+    workers, django_user_model
+):
     doomed = workers("doomed")
-    task, _ = start("chaos", {"sleep_ms": {"ship": 30000}})
+    task, _ = start("chaos", {"sleep_ms": {"ship": 6000}})
     attempt = wait_for(
         lambda: StepAttempt.objects.filter(
             step__task=task, step__name="ship", outcome="running"
@@ -48,3 +52,26 @@ def test_a_killed_workers_task_is_a_stuck_task_and_its_lock_a_stale_lock(workers
         task.pk,
         attempt.lock_token,
     )
+
+    # The operator's console actions clear both, each checked again when it runs.
+    operator = django_user_model.objects.create_user("night-shift", is_staff=True)
+    operator.groups.add(console_group("Saga operators"))
+    note = "worker host died at 03:12"
+    assert finding_actions.act("release_lock", stale.pk, operator, note) == (
+        f"released {attempt.lock_key}"
+    )
+    assert redis().get(attempt.lock_key) is None
+    done = finding_actions.act("requeue_task", stuck.pk, operator, note)
+    assert "1 dead attempt(s) settled as lost" in done
+    attempt.refresh_from_db()
+    assert attempt.outcome == "lost"
+    assert {f.state for f in Finding.objects.all()} == {"resolved"}
+    requeued = AuditEntry.objects.get(task=task, action="task_requeued")
+    assert (requeued.actor, requeued.details["note"]) == (operator, note)
+    # A new worker picks the re-enqueued work up and the task ends as scripted.
+    workers("rescuer")
+    wait_for(lambda: terminal(task), 90, message="the pushed task never finished")
+    assert task.status == "completed"
+    # Nothing is stuck any more: a second push finds nothing to do.
+    with pytest.raises(finding_actions.services.NothingToDo):
+        finding_actions.act("requeue_task", stuck.pk, operator, note)
