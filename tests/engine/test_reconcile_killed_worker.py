@@ -11,7 +11,7 @@ from django.utils import timezone
 from sagas import finding_actions, reconciliation
 from sagas.engine.connection import redis
 from sagas.models import AuditEntry, Finding, StepAttempt, TaskInstance
-from sagas.services import start
+from sagas.services import NothingToDo, start
 from tests.conftest import console_group
 from tests.engine.conftest import kill_tree, terminal, wait_for
 
@@ -73,5 +73,5 @@ def test_a_killed_workers_task_is_a_stuck_task_and_its_lock_a_stale_lock(
     wait_for(lambda: terminal(task), 90, message="the pushed task never finished")
     assert task.status == "completed"
     # Nothing is stuck any more: a second push finds nothing to do.
-    with pytest.raises(finding_actions.services.NothingToDo):
+    with pytest.raises(NothingToDo):
         finding_actions.act("requeue_task", stuck.pk, operator, note)

@@ -11,7 +11,7 @@ from django.test import Client
 
 from sagas import bulk, finding_actions, reconciliation
 from sagas.examples.create_zip import create_zip
-from sagas.models import AuditEntry, BulkOperation, Finding
+from sagas.models import AuditEntry, BulkOperation, Finding, ReconciliationRun
 from sagas.services import NothingToDo
 from tests.conftest import console_group
 from tests.integration.test_reconciliation import keys, put, s3, step_owning
@@ -155,7 +155,7 @@ def test_start_a_run_now_queues_one_job_and_says_so_when_one_runs(operator, s3):
     assert job.func_name == reconciliation.CONSOLE_JOB
     assert job.args == (operator.pk, True)
     reconciliation.console_run(*job.args)
-    run = reconciliation.ReconciliationRun.objects.get()
+    run = ReconciliationRun.objects.get()
     assert (run.trigger, run.actor, run.applied, run.status) == (
         "console",
         operator,
