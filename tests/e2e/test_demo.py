@@ -6,11 +6,13 @@ import importlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import boto3
@@ -23,6 +25,7 @@ from rq import Worker
 
 from sagas.embedded import EmbeddedRedis, EmbeddedS3, ManagedProcess, free_port
 from sagas.management.commands.demo import OPERATOR, VIEWER, WORKER_COUNT, ensure_login
+from sagas.models import FindingKind
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,6 +196,16 @@ def test_demo_serves_the_console_and_stops_everything_on_sigint(
     # Every worker runs a scheduler, but only one holds the queue's scheduler lock.
     assert client.keys("rq:scheduler-lock:*") == [b"rq:scheduler-lock:default"]
     assert wait_until(lambda: len(workers_of(demo.process.pid)) == WORKER_COUNT == 3)
+    # One open finding of each kind, found by the seeding's run; the workers, up now, have
+    # not started a scheduled run that would already have changed them.
+    summary = ", ".join(f"1 {kind}" for kind in FindingKind.values)
+    assert summary in demo.output()
+    database = Path(demo_env["SAGAS_VAR_DIR"]) / "opsconsole.sqlite3"
+    with closing(sqlite3.connect(database)) as db:
+        found = db.execute("SELECT kind, state FROM sagas_finding").fetchall()
+        runs = db.execute("SELECT trigger, applied FROM sagas_reconciliationrun").fetchall()
+    assert sorted(found) == sorted((kind, "open") for kind in FindingKind.values)
+    assert runs == [("command", 0)]
     children = descendants(demo.process.pid)
     assert len(children) >= 6  # redis-server, moto, 3 workers, runserver
     demo.process.send_signal(signal.SIGINT)

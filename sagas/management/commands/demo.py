@@ -1,8 +1,9 @@
 """``manage.py demo``: the whole product on one machine, with nothing to install but Python.
 
 Starts an embedded Redis and S3, three RQ workers and the web console, creates an operator
-and a viewer login and demo tasks, prints where everything is, and stops it all (in reverse
-order) on Ctrl-C.
+and a viewer login, demo tasks and one reconciliation finding of each kind
+(``sagas.demo_data``), prints where everything is, and stops it all (in reverse order) on
+Ctrl-C.
 The demo process itself never talks to Redis or S3 through Django (its settings were read
 before the embedded servers existed): everything that does runs in a child process whose
 environment points at them.
@@ -36,7 +37,7 @@ from django.core.management.base import (
 )
 from django.db import connections
 
-from sagas import services
+from sagas import demo_data, services
 from sagas.embedded import (
     STOP_TIMEOUT_S,
     EmbeddedRedis,
@@ -48,7 +49,9 @@ from sagas.embedded import (
     port_is_free,
     wait_until_ready,
 )
-from sagas.models import TaskInstance
+from sagas.models import FindingKind, TaskInstance
+from sagas.reconciliation import ReconciliationError
+from sagas.storage import StorageError
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,23 @@ def seed_demo_tasks() -> int:
     for saga, task_input, business_key in DEMO_TASKS:
         created += services.start(saga, task_input, business_key=business_key)[1]
     return created
+
+
+def seed_demo_findings() -> str:
+    """Set up one reconciliation finding of each kind and record the run that finds them
+    (``sagas.demo_data``), unless there are findings already; what happened, in one line."""
+    try:
+        seeded = demo_data.seed_demo_findings()
+    except (demo_data.DemoSeedingError, ReconciliationError, StorageError) as exc:
+        raise CommandError(f"could not set up the demo's findings: {exc}") from exc
+    if seeded is None:
+        return "Reconciliation findings exist already."
+    counts = seeded.run.counts
+    kinds = ", ".join(f"{counts.get(kind, 0)} {kind}" for kind in FindingKind.values)
+    return (
+        f"Recorded reconciliation run #{seeded.run.pk} (a dry run, orphan grace "
+        f"{seeded.grace.total_seconds():.0f}s): {kinds}."
+    )
 
 
 def database_description() -> str:
@@ -350,6 +370,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"Created {created} demo tasks." if created else "Demo tasks exist already."
             )
+            self.stdout.write(seed_demo_findings())
             return
         if not 0 < port < 65536:
             raise CommandError(f"--port must be between 1 and 65535, got {port}", returncode=2)
