@@ -13,29 +13,48 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 from playwright.sync_api import expect
 
+from sagas import findings, reconciliation
 from sagas.definitions import registry
 from sagas.engine.breaker import CircuitBreaker
 from sagas.engine.connection import redis
-from sagas.models import AuditEntry, StepAttempt, StepRecord, TaskInstance
+from sagas.models import (
+    AuditEntry,
+    BulkOperation,
+    Finding,
+    ReconciliationRun,
+    StepAttempt,
+    StepRecord,
+    TaskInstance,
+)
 from sagas.services import start
 from sagas.states import AuditAction, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
+from tests.e2e import sagas_for_findings
 from tests.engine import conftest as engine
+from tests.integration.test_reconciliation import keys, put, s3, step_owning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("empty_redis")]
+
+__all__ = ["s3"]  # the per-test bucket fixture (tests/integration/test_reconciliation.py)
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 HOSTILE = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')
 PAYLOAD = " ".join(HOSTILE)
 LIVE_TIMEOUT_MS = 20_000
+# Orphans put this far apart, found by a run whose grace lies between their ages (S3 keeps
+# whole seconds): the older is an old orphan, the newer a recent one.
+ORPHAN_GAP_S = 3
+RUN_GRACE = timedelta(seconds=2)
 
 
 def task_path(task: TaskInstance) -> str:
@@ -392,10 +411,6 @@ def test_every_console_page_sends_a_strict_csp_and_breaks_none_of_it(console, op
 @pytest.fixture
 def example_sagas_only() -> Iterator[None]:
     """The registry as a deploy of the examples has it (the engine tests add theirs)."""
-    from django.conf import settings
-
-    from sagas.definitions import registry
-
     examples = set(settings.SAGA_MODULES)
     removed = [
         (registry.get(name), registry._origins[name])
@@ -429,6 +444,23 @@ def demo_task(key: str, script: dict[str, Any]) -> TaskInstance:
     return start("chaos", script, business_key=key, correlation_id=f"checkout-{key[-4:]}")[0]
 
 
+def reconciled_create_zip(s3: Any, operator: Any) -> None:
+    """create-zip's bucket as reconciliation meets it: two old orphans (one ignored by an
+    operator), a new one, a zip a completed task owns that is gone; found by two dry runs."""
+    old = ["create-zip/2026-11-28/export-1187.zip", "create-zip/2026-11-29/export-1203.zip"]
+    for key in old:
+        put(s3, key)
+    time.sleep(ORPHAN_GAP_S)
+    put(s3, "create-zip/2026-12-01/export-1240.zip")
+    step_owning("create-zip/2026-11-30/export-1219.zip")
+    scope = reconciliation.scope_for("create-zip", RUN_GRACE)
+    assert reconciliation.reconcile(scope) is not None
+    kept = Finding.objects.get(key=old[0])
+    note = {"note": "kept for the customer's dispute, ticket OPS-88"}
+    assert findings.change_state(kept, "ignored", actor=operator, details=note, now=timezone.now())
+    assert reconciliation.reconcile(scope) is not None
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 @pytest.mark.skipif(
@@ -436,10 +468,11 @@ def demo_task(key: str, script: dict[str, Any]) -> TaskInstance:
     reason="set SAGAS_SCREENSHOTS=1 to rewrite docs/screenshots/ (tracked files)",
 )
 def test_screenshots_for_the_operators_guide(
-    console, operator_user, one_worker, example_sagas_only
+    console, operator_user, one_worker, example_sagas_only, s3
 ):
     tasks = settled_demo_tasks()
     open_breaker("s3")
+    reconciled_create_zip(s3, operator_user)
     running = demo_task("order-1046", {"sleep_ms": {"ship": 30_000}})
     engine.wait_for(
         lambda: StepRecord.objects.filter(task=running, name="ship", progress__gte=20).exists(),
@@ -456,6 +489,8 @@ def test_screenshots_for_the_operators_guide(
         "task-compensation-failed.png": task_path(tasks["order-1044"]),
         "inbox.png": reverse("sagas-inbox"),
         "breakers.png": reverse("sagas-breakers"),
+        "findings.png": reverse("admin:sagas_finding_changelist"),
+        "reconciliation-runs.png": reverse("admin:sagas_reconciliationrun_changelist"),
     }
     for name, path in shots.items():
         console.goto(path)
@@ -562,3 +597,162 @@ def test_operator_bulk_cancels_a_filtered_set_and_watches_its_progress(
     assert {e.actor for e in requested} == {operator_user}
     assert all(refreshed(t).status == TaskStatus.CANCELLED for t in wanted)
     assert all(refreshed(t).status != TaskStatus.CANCELLED for t in other)
+
+
+# --- reconciliation findings: a real worker acts on the real (moto) S3 -----------------------
+
+OLD_ORPHAN = f"{sagas_for_findings.PREFIX}2026-11/left by a crashed worker.zip"
+NEW_ORPHAN = f"{sagas_for_findings.PREFIX}2026-12/just uploaded.zip"
+
+
+@pytest.fixture
+def exports_worker(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, workers: Callable[..., Any]
+) -> Iterator[Callable[[], Any]]:
+    """``browser-exports`` known to this process (the live server), and a way to start a
+    real worker that knows it too and writes to this test's bucket."""
+    monkeypatch.setenv("SAGAS_S3_BUCKET", s3.bucket)  # the `s3` fixture set it in settings
+    modules = [*settings.SAGA_MODULES, engine.TEST_SAGAS, sagas_for_findings.__name__]
+    registry.register(sagas_for_findings.exports, origin=sagas_for_findings.__name__)
+    yield lambda: workers("w1", SAGA_MODULES=",".join(modules))
+    registry.unregister(sagas_for_findings.exports.name)
+
+
+def recorded_orphans(s3: Any) -> dict[str, Finding]:
+    """An old orphan and a new one in S3, found by a dry run (grace between their ages)."""
+    put(s3, OLD_ORPHAN)
+    time.sleep(ORPHAN_GAP_S)
+    put(s3, NEW_ORPHAN)
+    scope = reconciliation.scope_for(sagas_for_findings.exports.name, RUN_GRACE)
+    run = reconciliation.reconcile(scope)
+    assert run is not None and run.status == "succeeded", run and run.error
+    found = {f.key: f for f in Finding.objects.all()}
+    kinds = {key: (f.kind, f.state) for key, f in found.items()}
+    assert kinds == {
+        OLD_ORPHAN: ("orphan_object", "open"),
+        NEW_ORPHAN: ("recent_orphan", "open"),
+    }
+    return found
+
+
+def act_on_one_finding(console: Any, key: str, action: str, kind: str, note: str) -> None:
+    """From the open findings: select the one with ``key``, run ``action``, check the
+    confirmation's breakdown, confirm with ``note``; lands on the progress page."""
+    page = console.page
+    console.goto(reverse("admin:sagas_finding_changelist"))
+    with page.expect_navigation():
+        page.click('#changelist-filter a[href*="state__exact=open"]')
+    row = page.locator("#result_list tbody tr", has_text=key)
+    expect(row.locator(".sagas-status")).to_have_text("open")
+    row.locator("input.action-select").check()
+    page.select_option("select[name=action]", action)
+    with page.expect_navigation():
+        page.click(".actions button[type=submit]")
+    expect(page.locator("#bulk-count")).to_have_text("1")
+    breakdown = page.locator("#bulk-by-status tbody tr")
+    expect(breakdown).to_have_count(1)
+    expect(breakdown.locator("td")).to_have_text([f"{kind} · open", "1", "0"])
+    page.fill("#bulk-note", note)
+    with page.expect_navigation():
+        page.click("#confirm-bulk")
+    assert re.search(r"/admin/sagas/bulk/\d+/$", page.url), page.url
+    assert "Started:" in console.messages()
+
+
+def assert_one_succeeded(console: Any) -> None:
+    """The latest bulk operation acted on its one finding, as its page and its row say."""
+    operation = BulkOperation.objects.latest("pk")
+    outcome = (operation.succeeded, operation.skipped, operation.failed)
+    assert outcome == (1, 0, 0), (operation.skipped_examples, operation.last_error)
+    for counter, value in zip(("succeeded", "skipped", "failed"), outcome, strict=True):
+        expect(console.page.locator(f"#bulk-{counter}")).to_have_text(str(value))
+
+
+def finding_row(console: Any, key: str) -> Any:
+    return console.page.locator("#result_list tbody tr", has_text=key)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_operator_archives_one_orphan_and_ignores_another_a_viewer_can_do_neither(
+    console, operator_user, viewer_user, s3, exports_worker
+):
+    recorded = recorded_orphans(s3)
+    old, new = recorded[OLD_ORPHAN], recorded[NEW_ORPHAN]
+    archived_as = settings.SAGAS_ARCHIVE_PREFIX + OLD_ORPHAN
+    page = console.page
+    console.login(operator_user, then=reverse("admin:sagas_reconciliationrun_changelist"))
+    run = page.locator("#result_list tbody tr")
+    expect(run).to_have_count(1)
+    expect(run.locator(".sagas-status")).to_have_text("succeeded")
+    expect(run).to_contain_text("orphan_object 1")
+    expect(run).to_contain_text("recent_orphan 1")
+    expect(page.locator("#start-run")).to_be_visible()  # an operator may start one
+
+    # Archive the old orphan: confirmation, then a real worker runs the bulk job.
+    archive_note = "INC-311: zips of the crashed export run, kept for the audit"
+    act_on_one_finding(console, OLD_ORPHAN, "archive_object", "orphan_object", archive_note)
+    landed = console.navigations
+    expect(page.locator("#bulk-status")).not_to_have_text("done")
+    exports_worker()
+    expect(page.locator("#bulk-status")).to_have_text("done", timeout=LIVE_TIMEOUT_MS * 3)
+    assert console.navigations == landed, "the progress page was reloaded"
+    assert_one_succeeded(console)
+    assert keys(s3) == {archived_as, NEW_ORPHAN}
+    with page.expect_navigation():
+        page.locator("#bulk-progress a", has_text="Back to the finding list").click()
+    expect(finding_row(console, OLD_ORPHAN).locator(".sagas-status")).to_have_text("archived")
+    expect(finding_row(console, OLD_ORPHAN)).to_contain_text(operator_user.get_username())
+    archived = AuditEntry.objects.get(action=AuditAction.ORPHAN_ARCHIVED)
+    assert archived.actor == operator_user
+    assert archived.details["finding"] == old.pk and archived.details["key"] == OLD_ORPHAN
+    assert archived.details["archived_as"] == archived_as
+    assert archived.details["note"] == archive_note
+
+    # Ignore the new one: its object stays where it is.
+    ignore_note = "an export still being written; look again tomorrow"
+    act_on_one_finding(console, NEW_ORPHAN, "ignore_finding", "recent_orphan", ignore_note)
+    expect(page.locator("#bulk-status")).to_have_text("done", timeout=LIVE_TIMEOUT_MS * 3)
+    assert_one_succeeded(console)
+    console.goto(reverse("admin:sagas_finding_changelist"))
+    expect(finding_row(console, NEW_ORPHAN).locator(".sagas-status")).to_have_text("ignored")
+    expect(finding_row(console, OLD_ORPHAN).locator(".sagas-status")).to_have_text("archived")
+    assert keys(s3) == {archived_as, NEW_ORPHAN}
+    ignored = AuditEntry.objects.get(action=AuditAction.FINDING_IGNORED)
+    assert (ignored.actor, ignored.details["finding"]) == (operator_user, new.pk)
+    assert ignored.details["note"] == ignore_note
+
+    # A viewer sees the findings and the runs, and no way to act on either.
+    page.context.clear_cookies()
+    console.login(viewer_user, then=reverse("admin:sagas_finding_changelist"))
+    expect(page.locator("#result_list tbody tr")).to_have_count(2)
+    expect(page.locator("select[name=action], .actions, #start-run")).to_have_count(0)
+    console.goto(reverse("admin:sagas_reconciliationrun_changelist"))
+    expect(page.locator("#result_list tbody tr")).to_have_count(1)
+    expect(page.locator("#start-run, #start-run-form")).to_have_count(0)
+
+    def world() -> dict[str, Any]:
+        return {
+            "findings": sorted(Finding.objects.values_list("pk", "state", "acted_by")),
+            "runs": ReconciliationRun.objects.count(),
+            "bulk": BulkOperation.objects.count(),
+            "audit": AuditEntry.objects.count(),
+            "objects": keys(s3),
+        }
+
+    before = world()
+    token = console.csrf_token()
+    changelist = console.url(reverse("admin:sagas_finding_changelist"))
+    # Each would change something if it were allowed: reopen the ignored finding, archive
+    # the new orphan's object (every finding selected), start a run.
+    for url, fields in (
+        (changelist, {"action": "reopen_finding", "_selected_action": str(new.pk)}),
+        (changelist, {"action": "archive_object", "select_across": "1", "index": "0"}),
+        (console.url(reverse("admin:sagas_reconciliation_start")), {"apply": "on"}),
+    ):
+        form = {"csrfmiddlewaretoken": token, "post": "yes", "note": "forged", **fields}
+        response = page.request.post(url, form=form, max_redirects=0)
+        assert response.status == 403, f"{fields}: {response.status}"
+        assert "CSRF" not in response.text(), f"{fields}: refused for CSRF, not permission"
+    assert world() == before
+    assert not AuditEntry.objects.filter(actor=viewer_user).exists()

@@ -2,7 +2,8 @@
 
 The table is checked against the resolver, so a new console URL without a row fails here.
 Every request that is refused (or is only a page) must leave tasks, steps, the audit
-trail, circuit breakers and task locks exactly as they were.
+trail, circuit breakers, task locks, reconciliation runs and findings, and the job queue
+exactly as they were.
 """
 
 from __future__ import annotations
@@ -16,22 +17,27 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import URLResolver, get_resolver, resolve
 from django.utils import timezone
 
+from sagas.bulk import RUN_BULK
 from sagas.definitions import CircuitBreakerPolicy
 from sagas.engine.breaker import CircuitBreaker
-from sagas.engine.connection import key, redis
+from sagas.engine.connection import key, queue, redis
 from sagas.engine.locks import lock_key
 from sagas.models import (
     ApiToken,
     AuditEntry,
     BulkOperation,
+    Finding,
+    ReconciliationRun,
     StepAttempt,
     StepRecord,
     TaskInstance,
 )
+from sagas.reconciliation import CONSOLE_JOB
 from sagas.services import start
 from sagas.states import CompensationReason, StepStatus, TaskStatus
 from sagas.transitions import transition, transition_step
@@ -50,7 +56,8 @@ STALE_TOKEN = "stale-holder-token"
 
 @dataclass
 class World:
-    """Tasks in the states the actions accept, an open breaker, a stale lock, a token."""
+    """Tasks in the states the actions accept, an open breaker, a stale lock, a token, a
+    finished reconciliation run and its open findings."""
 
     running: TaskInstance
     failed: TaskInstance
@@ -61,6 +68,9 @@ class World:
     lock: str
     breaker: CircuitBreaker
     bulk: BulkOperation
+    run: ReconciliationRun
+    orphan: Finding
+    stuck: Finding
 
 
 def _step(task: TaskInstance, name: str) -> StepRecord:
@@ -130,6 +140,38 @@ def _stale_lock(task: TaskInstance) -> str:
     return name
 
 
+def _reconciliation_run(task: TaskInstance) -> tuple[ReconciliationRun, Finding, Finding]:
+    """A finished dry run and what it found: an old orphan and a stuck task (rows only: no
+    request of the table deletes or archives an object, so S3 is never asked)."""
+    now = timezone.now()
+    run = ReconciliationRun.objects.create(
+        trigger="command",
+        status="succeeded",
+        finished_at=now,
+        counts={"objects": 3, "owned": 2, "orphan_object": 1, "stuck_task": 1},
+    )
+    orphan = Finding.objects.create(
+        run=run,
+        kind="orphan_object",
+        saga="create-zip",
+        key="create-zip/orphan.zip",
+        details={"size": 3, "last_modified": "2026-11-20T10:00:00+00:00"},
+        first_seen=now,
+        last_seen=now,
+    )
+    stuck = Finding.objects.create(
+        run=run,
+        kind="stuck_task",
+        saga=task.saga,
+        key=str(task.pk),
+        task=task,
+        details={"status": task.status},
+        first_seen=now,
+        last_seen=now,
+    )
+    return run, orphan, stuck
+
+
 @pytest.fixture
 def world(django_user_model) -> World:
     return build_world(django_user_model)
@@ -144,6 +186,7 @@ def build_world(users: Any) -> World:
     token = ApiToken(user=owner, name="ci")
     token.generate_key()
     token.save()
+    run, orphan, stuck = _reconciliation_run(running)
     return World(
         running=running,
         failed=_failed_task(),
@@ -156,6 +199,9 @@ def build_world(users: Any) -> World:
         bulk=BulkOperation.objects.create(
             action="cancel", actor=owner, actor_name=owner.username, status="done"
         ),
+        run=run,
+        orphan=orphan,
+        stuck=stuck,
     )
 
 
@@ -188,7 +234,11 @@ def snapshot() -> dict[str, Any]:
         "audit": AuditEntry.objects.count(),
         "tokens": sorted(ApiToken.objects.values_list("pk", "revoked_at")),
         "bulk": sorted(BulkOperation.objects.values_list("pk", "status", "position")),
+        "runs": sorted(ReconciliationRun.objects.values_list("pk", "status", "finished_at")),
+        "findings": sorted(Finding.objects.values_list("pk", "state", "kind", "run_id")),
         "redis": {k: (client.type(k), client.dump(k)) for k in console_keys},
+        # Started bulk operations and reconciliation runs are jobs: a refused one queues none.
+        "jobs": sorted(queue().job_ids),
     }
 
 
@@ -348,6 +398,60 @@ def _latest_bulk(w: World) -> str:
     return f"/admin/sagas/bulk/{BulkOperation.objects.latest('pk').pk}/"
 
 
+def finding_url(suffix: str) -> Callable[[World], str]:
+    return lambda w: f"/admin/sagas/finding/{w.orphan.pk}/{suffix}"
+
+
+def run_url(suffix: str) -> Callable[[World], str]:
+    return lambda w: f"/admin/sagas/reconciliationrun/{w.run.pk}/{suffix}"
+
+
+FINDINGS = _model_rows("finding", finding_url)
+RUNS = _model_rows("reconciliationrun", run_url)
+# No change form for either: a finding's page is the list narrowed to it, a run's page is
+# its findings. Nothing to change there, so a POST is only sent there too.
+TO_THE_FINDING = answers(
+    DENIED, *[to(lambda w: f"/admin/sagas/finding/?id__exact={w.orphan.pk}")] * 2
+)
+TO_THE_RUNS_FINDINGS = answers(
+    DENIED, *[to(lambda w: f"/admin/sagas/finding/?run__id__exact={w.run.pk}")] * 2
+)
+
+
+def _jobs(func_name: str) -> list[Any]:
+    return [job for job in queue().jobs if job.func_name == func_name]
+
+
+def _ignore_started(w: World) -> None:
+    operation = BulkOperation.objects.exclude(pk=w.bulk.pk).get()
+    assert (operation.action, operation.target_ids, operation.note) == (
+        "ignore_finding",
+        [str(w.orphan.pk)],
+        NOTE["note"],
+    )
+    assert [job.args for job in _jobs(RUN_BULK)] == [(operation.pk, operation.run)]
+    # The finding itself changes only when a worker runs the job (none runs here).
+    assert Finding.objects.get(pk=w.orphan.pk).state == "open"
+
+
+def _ignore_the_orphan(w: World) -> dict[str, Any]:
+    """The findings list's "Ignore selected findings…", confirmed: an admin action POST."""
+    return {
+        "action": "ignore_finding",
+        "_selected_action": [str(w.orphan.pk)],
+        "post": "yes",
+        **NOTE,
+    }
+
+
+def _run_queued(w: World) -> None:
+    """Start a run now: the run is queued as a job; its row appears when a worker starts it."""
+    operator = get_user_model().objects.get(username="operator-user")
+    # A dry run (no "apply" ticked), started by this operator.
+    assert [job.args for job in _jobs(CONSOLE_JOB)] == [(operator.pk, False)]
+    assert list(ReconciliationRun.objects.values_list("pk", flat=True)) == [w.run.pk]
+
+
 ROWS = [
     Row(
         "taskinstance/",
@@ -432,6 +536,43 @@ ROWS = [
         action(Expect(302, lambda w: "/admin/sagas/locks/", _lock_released, "Released")),
         lambda w: {"key": w.lock, "token": STALE_TOKEN},
     ),
+    # Reconciliation: findings and runs are read-only lists; a finding changes only through
+    # an action (a bulk operation, run by a worker), a run starts only through start/.
+    Row(
+        "finding/",
+        lambda w: "/admin/sagas/finding/",
+        PAGE,
+        # A POST to the findings list is an action: refused to those who have none.
+        action(Expect(302, _latest_bulk, _ignore_started, "Started: ignore finding of 1 findings")),
+        _ignore_the_orphan,
+    ),
+    *FINDINGS,
+    Row("finding/<path:object_id>/change/", finding_url("change/"), TO_THE_FINDING, TO_THE_FINDING),
+    # Django's own change log (empty: findings change through actions, in the audit trail).
+    Row("finding/<path:object_id>/history/", finding_url("history/"), PAGE, PAGE),
+    # The runs list has no action: a POST there only shows the list.
+    Row("reconciliationrun/", lambda w: "/admin/sagas/reconciliationrun/", PAGE, PAGE),
+    *RUNS,
+    Row(
+        "reconciliationrun/<path:object_id>/change/",
+        run_url("change/"),
+        TO_THE_RUNS_FINDINGS,
+        TO_THE_RUNS_FINDINGS,
+    ),
+    Row("reconciliationrun/<path:object_id>/history/", run_url("history/"), PAGE, PAGE),
+    Row(
+        "reconciliationrun/start/",
+        lambda w: "/admin/sagas/reconciliationrun/start/",
+        GET_ONLY,
+        action(
+            Expect(
+                302,
+                lambda w: "/admin/sagas/reconciliationrun/",
+                _run_queued,
+                "A reconciliation run (a dry run) is queued",
+            )
+        ),
+    ),
 ]
 TABLE = {CONSOLE_PREFIX + row.route: row for row in ROWS}
 # The app's index (/admin/sagas/) and the admin's index (/admin/): staff who may see
@@ -471,8 +612,23 @@ def test_every_console_url_pattern_has_a_row_in_the_table():
 # --- the table, request by request -----------------------------------------------------------
 
 
+# POSTs whose job is enqueued when the request's transaction commits (django-rq's
+# on_db_commit, the engine's enqueue-after-commit): their requests run outside the test's
+# transaction, as in production, so the job really reaches Redis (or, refused, does not).
+# (Inside one, start/ answers 500: django-rq returns None for a deferred enqueue, and
+# reconciliation.enqueue_console_run reads its ``.id``.)
+COMMITTING = {
+    ("POST", CONSOLE_PREFIX + "finding/"),
+    ("POST", CONSOLE_PREFIX + "reconciliationrun/start/"),
+}
 CASES = [
-    pytest.param(route, role, method, id=f"{method} {route} as {role}")
+    pytest.param(
+        route,
+        role,
+        method,
+        id=f"{method} {route} as {role}",
+        marks=[pytest.mark.django_db(transaction=True)] if (method, route) in COMMITTING else [],
+    )
     for route, row in TABLE.items()
     for method in ("GET", "POST")
     for role in ROLES
