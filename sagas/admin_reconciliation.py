@@ -21,7 +21,7 @@ from django.views.decorators.http import require_POST
 
 from sagas import finding_actions, services
 from sagas.admin_common import CappedPaginator, ReadOnlyMixin, SagaFilter, details_summary
-from sagas.models import Finding, ReconciliationRun
+from sagas.models import Finding, FindingKind, ReconciliationRun
 from sagas.templatetags.sagas_console import clock
 from sagas.views import bulk as bulk_actions
 
@@ -61,16 +61,14 @@ class FindingAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     """Every finding, newest seen first; filters from the code (no DISTINCT over the table)."""
 
     list_display = (
-        "kind",
+        "kind_name",
         "saga",
         "key_text",
         "task_link",
         "state_badge",
         "summary",
-        "first",
-        "last",
+        "seen",
         "acted",
-        "run_link",
     )
     list_display_links = None  # no change form: a finding changes only through an action
     list_filter = ("state", "kind", SagaFilter)
@@ -101,7 +99,10 @@ class FindingAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     ) -> HttpResponse:
         if request.method == "POST" and not self.get_actions(request):
             raise PermissionDenied  # a POST here is an action, and this user has none
-        extra = {"can_start_run": request.user.has_perm(finding_actions.ACT_ON_FINDING)}
+        extra = {
+            "can_start_run": request.user.has_perm(finding_actions.ACT_ON_FINDING),
+            "title": "Reconciliation findings",
+        }
         return super().changelist_view(request, {**extra, **(extra_context or {})})
 
     def change_view(
@@ -130,6 +131,10 @@ class FindingAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
         except ValueError:
             return super().get_search_results(request, queryset, search_term.strip())
 
+    @admin.display(description="kind", ordering="kind")
+    def kind_name(self, finding: Finding) -> str:
+        return finding.kind
+
     @admin.display(description="key", ordering="key")
     def key_text(self, finding: Finding) -> SafeString:
         return format_html('<span class="mono sagas-key">{}</span>', finding.key)
@@ -146,15 +151,20 @@ class FindingAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="details")
     def summary(self, finding: Finding) -> str:
-        return details_summary(finding.details)
+        return finding_summary(finding)
 
-    @admin.display(description="first seen", ordering="first_seen")
-    def first(self, finding: Finding) -> str:
-        return clock(finding.first_seen)
-
-    @admin.display(description="last seen", ordering="last_seen")
-    def last(self, finding: Finding) -> str:
-        return clock(finding.last_seen)
+    @admin.display(description="seen", ordering="last_seen")
+    def seen(self, finding: Finding) -> SafeString:
+        """First and last seen, and the run that saw it last (its findings)."""
+        url = reverse("admin:sagas_finding_changelist")
+        return format_html(
+            '{} to {} <a href="{}?run__id__exact={}">run #{}</a>',
+            clock(finding.first_seen),
+            clock(finding.last_seen),
+            url,
+            finding.run_id,
+            finding.run_id,
+        )
 
     @admin.display(description="acted")
     def acted(self, finding: Finding) -> str:
@@ -162,10 +172,22 @@ class FindingAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
             return ""
         return f"{finding.acted_by_name or 'system'} · {clock(finding.acted_at)}"
 
-    @admin.display(description="run")
-    def run_link(self, finding: Finding) -> SafeString:
-        url = reverse("admin:sagas_reconciliationrun_changelist")
-        return format_html('<a href="{}?id__exact={}">#{}</a>', url, finding.run_id, finding.run_id)
+
+def finding_summary(finding: Finding) -> str:
+    """What an operator needs to judge a finding, in a few words per kind."""
+    details = finding.details if isinstance(finding.details, dict) else {}
+    kind = finding.kind
+    if kind in (FindingKind.ORPHAN_OBJECT, FindingKind.RECENT_ORPHAN):
+        modified = details.get("last_modified", "")[:19].replace("T", " ")
+        return f"{details.get('size', '?')} bytes, modified {modified} UTC"
+    if kind == FindingKind.MISSING_OBJECT:
+        return f"owned by step {details.get('step', '?')}, absent from S3"
+    if kind == FindingKind.STUCK_TASK:
+        changed = details.get("updated_at", "")[:19].replace("T", " ")
+        return f"{details.get('status', '?')}, unchanged since {changed} UTC"
+    if kind == FindingKind.STALE_LOCK:
+        return str(details.get("reason") or "its holder is gone")
+    return details_summary(details)
 
 
 @admin.register(ReconciliationRun)
@@ -175,7 +197,7 @@ class ReconciliationRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[t
     list_display = (
         "run_id",
         "scope",
-        "trigger",
+        "trigger_name",
         "actor",
         "applied",
         "status_badge",
@@ -201,7 +223,10 @@ class ReconciliationRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[t
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        extra = {"can_start_run": request.user.has_perm(finding_actions.ACT_ON_FINDING)}
+        extra = {
+            "can_start_run": request.user.has_perm(finding_actions.ACT_ON_FINDING),
+            "title": "Reconciliation runs",
+        }
         return super().changelist_view(request, {**extra, **(extra_context or {})})
 
     def change_view(
@@ -239,6 +264,10 @@ class ReconciliationRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[t
         url = reverse("admin:sagas_finding_changelist")
         return format_html('<a href="{}?run__id__exact={}">#{}</a>', url, run.pk, run.pk)
 
+    @admin.display(description="trigger", ordering="trigger")
+    def trigger_name(self, run: ReconciliationRun) -> str:
+        return run.trigger
+
     @admin.display(description="saga")
     def scope(self, run: ReconciliationRun) -> str:
         return run.saga or "all sagas"
@@ -266,5 +295,7 @@ class ReconciliationRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[t
         return ", ".join(f"{name} {value:,}" for name, value in counts.items() if value) or "-"
 
     @admin.display(description="error")
-    def error_line(self, run: ReconciliationRun) -> str:
-        return run.error[:200]
+    def error_line(self, run: ReconciliationRun) -> SafeString | str:
+        if not run.error:
+            return ""
+        return format_html('<span class="sagas-error">{}</span>', run.error[:200])

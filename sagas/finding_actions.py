@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
@@ -28,7 +29,7 @@ ACT_ON_FINDING = "sagas.act_on_finding"
 # Why a deletion or archive did not happen (``reconciliation.act_on_orphan``'s outcomes).
 KEPT = {
     "gone": "the object is already gone from S3; the finding is resolved",
-    "kept_young": "the object is younger than the saga's orphan grace now",
+    "kept_young": "the object is younger than the orphan grace now",
     "kept_owned": "a step owns the key now; the finding is resolved",
     "kept_changed": "the finding changed meanwhile",
     "kept_outside_prefix": "the key is outside the saga's prefix",
@@ -55,13 +56,23 @@ def _orphan_removal(policy: str) -> Callable[[Finding, Actor, str], str]:
     def remove(finding: Finding, actor: Actor, note: str) -> str:
         saga = _saga_of(finding)
         outcome = reconciliation.act_on_orphan(
-            finding, saga, saga.orphan_grace, actor=_user(actor), policy=policy, note=note
+            finding, saga, grace_of(finding, saga), actor=_user(actor), policy=policy, note=note
         )
         if outcome in KEPT:
             raise services.NothingToDo(KEPT[outcome])
         return f"{outcome} {finding.key}"
 
     return remove
+
+
+def grace_of(finding: Finding, saga: Any) -> timedelta:
+    """The grace the run that found the orphan used (the saga's, or the command's
+    ``--grace``): the operator acts on what that run showed, its age checked again now."""
+    recorded = finding.details.get("grace_s") if isinstance(finding.details, dict) else None
+    if isinstance(recorded, int | float) and recorded >= 0:
+        return timedelta(seconds=recorded)
+    grace: timedelta = saga.orphan_grace
+    return grace
 
 
 def _saga_of(finding: Finding) -> Any:

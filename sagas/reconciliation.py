@@ -289,7 +289,11 @@ def _scan_page(
     for obj in objects:
         if obj.key in owned:
             continue
-        details = {"size": obj.size, "last_modified": obj.last_modified.isoformat()}
+        details = {
+            "size": obj.size,
+            "last_modified": obj.last_modified.isoformat(),
+            "grace_s": grace.total_seconds(),  # the one a deletion from the console honours
+        }
         (old if _age(obj, now) > grace else young)[obj.key] = details
     findings.see(run, FindingKind.ORPHAN_OBJECT, saga.name, old, now=timezone.now())
     findings.see(run, FindingKind.RECENT_ORPHAN, saga.name, young, now=timezone.now())
@@ -596,17 +600,20 @@ CONSOLE_JOB_TIMEOUT_S = 3600
 
 def enqueue_console_run(actor: AbstractBaseUser | None, *, apply_policies: bool) -> str:
     """Queue a run an operator started (every saga with a prefix), ahead of the backlog;
-    the job's id. The run itself still takes the one running slot when it begins."""
-    job = queue().enqueue(
+    the job's id. The run itself still takes the one running slot when it begins. (Inside
+    a transaction django-rq enqueues at commit, so the id is ours, not the queue's answer.)"""
+    job_id = f"sagas-reconcile-console-{uuid.uuid4().hex[:16]}"
+    queue().enqueue(
         CONSOLE_JOB,
         actor.pk if actor is not None else None,
         apply_policies,
+        job_id=job_id,
         at_front=True,
         job_timeout=CONSOLE_JOB_TIMEOUT_S,
         result_ttl=0,
         description="reconciliation started from the console",
     )
-    return str(job.id)
+    return job_id
 
 
 def console_run(actor_id: int | None, apply_policies: bool) -> None:

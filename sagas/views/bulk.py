@@ -18,6 +18,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
+from django.template.defaultfilters import pluralize
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
@@ -93,10 +94,10 @@ def confirm_or_start(
         except services.InvalidInput as refused:
             messages.error(request, f"Nothing changed: {refused.messages[0]}.")
         else:
-            noun = bulk.spec_of(slug).target
+            spec, total = bulk.spec_of(slug), operation.total
             messages.success(
                 request,
-                f"Started: {slug.replace('_', ' ')} of {operation.total:,} {noun}s, "
+                f"Started: {spec.label.lower()} {total:,} {spec.target}{pluralize(total)}, "
                 "in the background.",
             )
             return HttpResponseRedirect(reverse("sagas-bulk-progress", args=[operation.pk]))

@@ -457,7 +457,7 @@ ROWS = [
         "taskinstance/",
         lambda w: "/admin/sagas/taskinstance/",
         PAGE,
-        action(Expect(302, _latest_bulk, _bulk_started, "Started: cancel of 1 tasks")),
+        action(Expect(302, _latest_bulk, _bulk_started, "Started: cancel 1 task")),
         _bulk_cancel,
     ),
     *TASKS,
@@ -543,7 +543,7 @@ ROWS = [
         lambda w: "/admin/sagas/finding/",
         PAGE,
         # A POST to the findings list is an action: refused to those who have none.
-        action(Expect(302, _latest_bulk, _ignore_started, "Started: ignore finding of 1 findings")),
+        action(Expect(302, _latest_bulk, _ignore_started, "Started: ignore 1 finding")),
         _ignore_the_orphan,
     ),
     *FINDINGS,

@@ -87,12 +87,25 @@ def test_a_key_that_a_step_owns_by_now_is_kept_and_its_finding_resolved(s3, orph
     assert Finding.objects.get(pk=orphans[OLD].pk).state == "resolved"
 
 
-def test_an_object_younger_than_the_sagas_grace_now_is_kept(s3, orphans, operator, monkeypatch):
-    monkeypatch.setattr(create_zip, "orphan_grace", timedelta(hours=48))
-    with pytest.raises(NothingToDo, match="younger than the saga's orphan grace"):
-        finding_actions.act("delete_object", orphans[OLD].pk, operator, NOTE)
+def test_an_object_younger_than_the_grace_its_run_used_is_kept(s3, orphans, operator):
+    finding = orphans[OLD]
+    # As if found by a run with a 48 h grace (``reconcile --grace 48h``) when it was older.
+    finding.details = {**finding.details, "grace_s": 48 * 3600}
+    finding.save(update_fields=["details"])
+    with pytest.raises(NothingToDo, match="younger than the orphan grace"):
+        finding_actions.act("delete_object", finding.pk, operator, NOTE)
     assert OLD in keys(s3)
-    assert Finding.objects.get(pk=orphans[OLD].pk).state == "open"
+    assert Finding.objects.get(pk=finding.pk).state == "open"
+
+
+def test_without_a_recorded_grace_the_sagas_own_applies(s3, orphans, operator, monkeypatch):
+    monkeypatch.setattr(create_zip, "orphan_grace", timedelta(hours=48))
+    finding = orphans[OLD]
+    finding.details = {k: v for k, v in finding.details.items() if k != "grace_s"}
+    finding.save(update_fields=["details"])
+    with pytest.raises(NothingToDo, match="younger than the orphan grace"):
+        finding_actions.act("archive_object", finding.pk, operator, NOTE)
+    assert OLD in keys(s3)
 
 
 def test_ignore_then_reopen_and_what_does_not_apply_changes_nothing(s3, orphans, operator):
