@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from sagas import bench
+from sagas import bench, bench_console
 
 PHASES = {
     "put": "putting objects",
@@ -49,8 +49,12 @@ class Command(BaseCommand):
             help=f"How many objects to put (default {bench.DEFAULT_OBJECTS}).",
         )
         rec.add_argument("--json", action="store_true", help="Print one JSON object.")
+        bench_console.add_parser(benchmarks)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["benchmark"] == "console":
+            bench_console.handle(self, options)
+            return
         objects = self._objects(options["objects"])
         as_json = options["json"]
         progress = None if as_json or not self.stderr.isatty() else self._progress
