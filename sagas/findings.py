@@ -106,22 +106,35 @@ def see(
         return
     task_ids = task_ids or {}
     existing = _existing(saga, kind, list(found))
-    with transaction.atomic():
-        for key, details in found.items():
-            finding = existing.get(key)
-            if finding is None:
-                Finding.objects.create(
-                    run=run,
-                    kind=kind,
-                    saga=saga,
-                    key=key,
-                    task_id=task_ids.get(key),
-                    details=details,
-                    first_seen=now,
-                    last_seen=now,
-                )
-            else:
-                _see_again(finding, run, kind, details, task_ids.get(key), now=now)
+    new = [
+        Finding(
+            run=run,
+            kind=kind,
+            saga=saga,
+            key=key,
+            task_id=task_ids.get(key),
+            details=details,
+            first_seen=now,
+            last_seen=now,
+        )
+        for key, details in found.items()
+        if key not in existing
+    ]
+    again = [
+        _seen_again(existing[key], run, kind, details, task_ids.get(key), now=now)
+        for key, details in found.items()
+        if key in existing
+    ]
+    with transaction.atomic():  # a page's worth in two statements, whatever its size
+        Finding.objects.bulk_create(new, batch_size=SEE_BATCH)
+        Finding.objects.bulk_update(again, SEEN_FIELDS, batch_size=SEE_BATCH)
+        for finding in again:
+            if finding.state not in LIVE:
+                change_state(finding, _S.OPEN, details={"run": run.pk}, now=now)
+
+
+SEE_BATCH = 1000
+SEEN_FIELDS = ["kind", "run", "last_seen", "details", "task"]
 
 
 def kinds_of_one_finding(kind: str) -> tuple[str, ...]:
@@ -141,7 +154,7 @@ def _existing(saga: str, kind: str, keys: list[str]) -> dict[str, Finding]:
     return existing
 
 
-def _see_again(
+def _seen_again(
     finding: Finding,
     run: ReconciliationRun,
     kind: str,
@@ -149,19 +162,17 @@ def _see_again(
     task_id: Any,
     *,
     now: datetime,
-) -> None:
-    """Update a finding seen again; one of another kind takes this kind, keeping its state
-    (``details["was"]`` says what it was until which run, and stays on later runs)."""
+) -> Finding:
+    """A finding seen again, its fields updated in memory (written in bulk by ``see``); one
+    of another kind takes this kind, keeping its state (``details["was"]`` says what it was
+    until which run, and stays on later runs)."""
     if finding.kind != kind:
         details = {**details, "was": {"kind": finding.kind, "until_run": run.pk}}
     elif "was" in finding.details:
         details = {**details, "was": finding.details["was"]}
-    Finding.objects.filter(pk=finding.pk).update(
-        kind=kind, run=run, last_seen=now, details=details, task_id=task_id
-    )
-    finding.kind = kind
-    if finding.state not in LIVE:
-        change_state(finding, _S.OPEN, details={"run": run.pk}, now=now)
+    finding.kind, finding.run, finding.last_seen = kind, run, now
+    finding.details, finding.task_id = details, task_id
+    return finding
 
 
 def close_unseen(

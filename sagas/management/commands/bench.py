@@ -95,7 +95,7 @@ class Command(BaseCommand):
             f"{'':<11}{'seconds':>10}{'objects/s':>12}",
             f"{'listing':<11}{f.listing_s:>10.2f}{_rate(f.objects, f.listing_s):>12}",
             f"{'reconcile':<11}{f.reconcile_s:>10.2f}{_rate(f.objects, f.reconcile_s):>12}",
-            f"ratio (listing / reconcile): {f.ratio:.3f}",
+            f"ratio (reconcile / listing): {f.ratio:.3f}",
             f"peak RSS: {f.peak_rss_mib:.1f} MiB; Python peak allocation during a dry run "
             f"(tracemalloc): {f.python_peak_mib:.1f} MiB",
             "findings: " + ", ".join(f"{k} {v:,}" for k, v in f.findings.items()),
