@@ -29,6 +29,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
 import re
 import statistics
@@ -576,6 +577,7 @@ class ConsoleFigures:
     database: str
     kept: bool
     postgres: str
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after measuring
 
     @property
     def worst_page(self) -> str:
@@ -602,6 +604,8 @@ class ConsoleFigures:
             "database": self.database,
             "kept": self.kept,
             "postgres": self.postgres,
+            "load_average": [round(n, 2) for n in self.load],
+            "cpus": os.cpu_count(),
         }
 
 
@@ -629,6 +633,10 @@ def table(f: ConsoleFigures) -> str:
         f"{f.repeat} timed requests a page (p50 median, p95 nearest rank); worst: "
         f"{f.worst_page} p95 {worst.p95_ms:.1f} ms; ratio (worst p95 / {GOAL_MS:.0f} ms): "
         f"{f.ratio:.3f}"
+    )
+    rows.append(
+        f"1-minute load average {f.load[0]:.2f} before measuring, {f.load[1]:.2f} after "
+        f"({os.cpu_count()} CPUs)"
     )
     if not f.redis:
         rows.append(
@@ -775,7 +783,9 @@ def _fill_and_measure(
         seconds["vacuum_analyze"] = time.perf_counter() - mark
         seconds["fill"] = time.perf_counter() - began
 
+        load_before = os.getloadavg()[0]
         pages = _measure(connection, _pages(loaded), repeat, user, report)
+        load = (load_before, os.getloadavg()[0])
         counts = _uncapped_counts(connection, pages)
     except DatabaseError as exc:
         raise ConsoleBenchError(f"database error: {_one_line(exc)}") from exc
@@ -791,6 +801,7 @@ def _fill_and_measure(
         database="",
         kept=False,
         postgres=postgres,
+        load=load,
     )
 
 
