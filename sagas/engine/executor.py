@@ -23,7 +23,6 @@ from typing import Any
 from django.conf import settings
 from django.db import (
     DatabaseError,
-    IntegrityError,
     InterfaceError,
     OperationalError,
     close_old_connections,
@@ -31,6 +30,7 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db.models import Exists
 from django.db.models.functions import Now
 from redis.exceptions import RedisError
 from rq import get_current_job
@@ -112,12 +112,14 @@ def run_step(task_id: str, step_name: str, kind: str, attempt: int) -> None:
     if not lock.acquire():
         _requeue_for_lock(delivery, log)
         return
+    started = None
     try:
         started = _admit(delivery, saga, definition, lock, log)
         if started is not None:
             _run_and_settle(started)
     finally:
-        _release(lock, log)
+        if started is None or not started.lock_released:
+            _release(lock, log)
 
 
 def lock_scope(saga: Saga, step_name: str) -> str:
@@ -393,7 +395,11 @@ def _settle_durably(started: Started, outcome: Outcome) -> None:
     close_old_connections()  # a long step may outlive its connection
     while True:
         try:
-            settle_attempt(started.attempt.pk, outcome, token=started.lock.token, log=started.log)
+            d = started.delivery
+            ref = AttemptRef(d.task_id, d.step_name, d.kind, d.attempt)
+            settle_attempt(
+                started.attempt.pk, outcome, token=started.lock.token, log=started.log, ref=ref
+            )
             return
         except (OperationalError, InterfaceError) as exc:
             connection.close()
@@ -425,16 +431,44 @@ def _record_breaker(started: Started, outcome: Outcome) -> None:
 # --- settling ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AttemptRef:
+    """Where an attempt belongs: what a settle needs besides its id."""
+
+    task_id: str
+    step_name: str
+    kind: str
+    number: int
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "step__task_id": self.task_id,
+            "step__name": self.step_name,
+            "kind": self.kind,
+            "number": self.number,
+        }
+
+
 def settle_attempt(
-    attempt_id: int, outcome: Outcome, *, token: str | None = None, log: Log = logger
+    attempt_id: int,
+    outcome: Outcome,
+    *,
+    token: str | None = None,
+    log: Log = logger,
+    ref: AttemptRef | None = None,
 ) -> bool:
     """Record how an attempt ended and decide what comes next; False if it was superseded.
 
     ``token`` fences the write to the attempt's owner; the reaper and the worker's parent
-    (which know the attempt is dead) settle without it.
+    (which know the attempt is dead) settle without it. ``ref``: the caller knows where
+    the attempt belongs (its executor does), so it need not be read first.
     """
-    row = StepAttempt.objects.values("step__task_id", "step__name", "kind", "number").get(
-        pk=attempt_id
+    row = (
+        ref.as_row()
+        if ref is not None
+        else StepAttempt.objects.values("step__task_id", "step__name", "kind", "number").get(
+            pk=attempt_id
+        )
     )
 
     def decide(loaded: Loaded) -> bool:
@@ -463,7 +497,13 @@ def _fence(
     token: str | None,
     log: Log,
 ) -> bool:
-    """Write the outcome only if this attempt is still the running, current one."""
+    """Write the outcome only if this attempt is still the running, current one.
+
+    A second success of one step and kind is refused (the unique constraint is the final
+    judge). Settles hold the task's row lock, so another attempt's success is committed
+    and visible here before this one writes: asked for in the same UPDATE, it costs no
+    savepoint. Only when nothing was written is it asked which of the two it was.
+    """
     current = StepAttempt.objects.filter(pk=attempt_id, outcome=AttemptOutcome.RUNNING)
     if token is not None:
         current = current.filter(lock_token=token)
@@ -473,10 +513,18 @@ def _fence(
         "error": outcome.error,
         "traceback": outcome.traceback,
     }
-    try:
-        with transaction.atomic():
-            won = current.update(**changes)
-    except IntegrityError:
+    writes = current
+    if outcome.status == AttemptOutcome.SUCCEEDED:
+        writes = current.exclude(
+            Exists(
+                StepAttempt.objects.filter(
+                    step_id=step.pk, kind=kind, outcome=AttemptOutcome.SUCCEEDED
+                ).exclude(pk=attempt_id)
+            )
+        )
+    if writes.update(**changes):
+        return True
+    if outcome.status == AttemptOutcome.SUCCEEDED and current.exists():
         # The database is the final judge: this step already has a success of this kind.
         refused = "result refused: another attempt already succeeded"
         current.update(**{**changes, "outcome": AttemptOutcome.FAILED, "error": refused})
@@ -484,9 +532,8 @@ def _fence(
         details = {"kind": kind, "attempt": number, "refused": "second success"}
         loaded.plan.audit(AuditAction.DUPLICATE_DELIVERY, step, details)
         return False
-    if not won:
-        log.warning("superseded attempt %s wrote nothing", attempt_id)
-    return bool(won)
+    log.warning("superseded attempt %s wrote nothing", attempt_id)
+    return False
 
 
 def settle_dead_attempt(attempt: StepAttempt, outcome: Outcome) -> bool:
