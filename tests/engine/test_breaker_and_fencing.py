@@ -13,8 +13,8 @@ from sagas.engine.executor import Outcome, settle_attempt
 from sagas.engine.worker import SagaSimpleWorker
 from sagas.models import AuditEntry, StepAttempt
 from sagas.services import start
-from sagas.states import AttemptOutcome, TaskStatus
-from sagas.transitions import transition
+from sagas.states import AttemptOutcome, StepStatus, TaskStatus
+from sagas.transitions import transition, transition_step
 from tests.engine.conftest import (
     drain,
     hold_reaper,
@@ -101,3 +101,34 @@ def test_a_result_with_the_wrong_lock_token_is_refused():
     assert settle_attempt(attempt.pk, ok, token="someone-else") is False
     attempt.refresh_from_db()
     assert attempt.outcome == "running"
+
+
+def test_a_second_success_of_one_step_is_refused_and_recorded_as_a_duplicate():
+    """The database is the final judge of exactly-once: a late attempt that succeeds after
+    another attempt of the same step already did is recorded as failed, never as a second
+    success, and the step keeps the first result."""
+    task, _ = start("chaos", {})
+    step = task.steps.get(name="reserve")
+    transition(task, TaskStatus.RUNNING)
+    assert transition_step(step, StepStatus.RUNNING)
+    first = StepAttempt.objects.create(
+        step=step, kind="action", number=1, lock_token="t1", worker="w1"
+    )
+    late = StepAttempt.objects.create(
+        step=step, kind="action", number=2, lock_token="t2", worker="w2"
+    )
+    step.attempt_count = 2
+    step.save(update_fields=["attempt_count"])
+    assert settle_attempt(first.pk, Outcome(AttemptOutcome.SUCCEEDED, data={"n": 1}), token="t1")
+    second = Outcome(AttemptOutcome.SUCCEEDED, data={"n": 2})
+    assert settle_attempt(late.pk, second, token="t2") is False
+    late.refresh_from_db()
+    step.refresh_from_db()
+    assert (late.outcome, late.error) == (
+        "failed",
+        "result refused: another attempt already succeeded",
+    )
+    assert (step.status, step.data) == ("succeeded", {"n": 1})
+    refused = AuditEntry.objects.get(task=task, action="duplicate_delivery")
+    assert refused.details == {"kind": "action", "attempt": 2, "refused": "second success"}
+    assert StepAttempt.objects.filter(step=step, outcome="succeeded").count() == 1
