@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from sagas import bench, bench_console
+from sagas import bench, bench_console, bench_engine
 
 PHASES = {
     "put": "putting objects",
@@ -49,9 +49,13 @@ class Command(BaseCommand):
             help=f"How many objects to put (default {bench.DEFAULT_OBJECTS}).",
         )
         rec.add_argument("--json", action="store_true", help="Print one JSON object.")
+        bench_engine.add_parser(benchmarks)
         bench_console.add_parser(benchmarks)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["benchmark"] == "engine":
+            bench_engine.run_command(self, options)
+            return
         if options["benchmark"] == "console":
             bench_console.handle(self, options)
             return
