@@ -1,8 +1,10 @@
-"""``manage.py bench reconcile [--objects 100000] [--json]``.
+"""``manage.py bench engine|console|reconcile [--json]``: benchmarks (docs/BENCHMARKS.md).
 
-Benchmarks; the one there is so far is ``reconcile`` (what a dry reconciliation run costs
-beyond a bare listing of the same prefix, see docs/BENCHMARKS.md). Exit 0 on success, 1
-when S3, the database or the embedded S3 server fails, 2 on bad arguments.
+``engine``: what the engine costs per step beyond bare RQ (``sagas.bench_engine``);
+``console``: the console's pages on a scratch Postgres database of a million tasks
+(``sagas.bench_console``); ``reconcile``: what a dry reconciliation run costs beyond a bare
+listing of the same prefix. Exit 0 on success, 1 when what a benchmark needs fails, 2 on
+bad arguments (and for ``console`` without Postgres).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ PHASES = {
 
 class Command(BaseCommand):
     help = (
-        "Run a benchmark. Benchmarks: reconcile (a dry reconciliation run against a bare "
-        "listing of the same S3 prefix). `bench reconcile --help` for its options."
+        "Run a benchmark: engine (the engine's cost per step beyond bare RQ), console (the "
+        "console's pages on a scratch database of a million tasks), reconcile (a dry "
+        "reconciliation run against a bare listing of the same S3 prefix). "
+        "`bench <benchmark> --help` for its options."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
