@@ -43,6 +43,7 @@ from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.contenttypes.models import ContentType
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.core.management.color import no_style
@@ -733,17 +734,21 @@ def _drop_database(connection: BaseDatabaseWrapper, name: str) -> None:
 @contextlib.contextmanager
 def _pointed_at(connection: BaseDatabaseWrapper, name: str) -> Iterator[None]:
     """Django's default connection on the scratch database, then back. One connection for
-    the whole run (CONN_MAX_AGE None), so no request pays for connecting."""
+    the whole run (CONN_MAX_AGE None), so no request pays for connecting. Content types are
+    cached by connection alias: the cache is emptied both ways, so neither database's ids
+    leak into the other's queries."""
     configured = settings.DATABASES[DEFAULT_DB_ALIAS]
     own = connection.settings_dict
     saved = (own["NAME"], own["CONN_MAX_AGE"], configured["NAME"])
     connection.close()
     own["NAME"], own["CONN_MAX_AGE"], configured["NAME"] = name, None, name
+    ContentType.objects.clear_cache()
     try:
         yield
     finally:
         connection.close()
         own["NAME"], own["CONN_MAX_AGE"], configured["NAME"] = saved
+        ContentType.objects.clear_cache()
 
 
 def _fill_and_measure(
