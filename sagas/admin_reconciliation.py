@@ -77,7 +77,7 @@ class FindingAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     search_help_text = "The start of an S3 key or lock key, or an exact task id."
     show_full_result_count = False
     paginator = CappedPaginator
-    list_per_page = 100
+    list_per_page = 50  # as the task list: rendering rows is most of the page's time
     ordering = ("-last_seen", "-id")
     actions = [_finding_action(slug) for slug in finding_actions.FINDING_ACTIONS]
 

@@ -111,6 +111,8 @@ class TaskInstance(models.Model):
             ),
             models.Index(fields=["business_key"], name="task_business_key_idx"),
             models.Index(fields=["correlation_id"], name="task_correlation_idx"),
+            # The search box's third exact match: without it an OR of the three scans.
+            models.Index(fields=["trace_id"], name="task_trace_idx"),
             # The dashboard's exact counts: only the tasks the engine or an operator still has
             # to move (a few percent of the table), so counting them never scans the rest.
             models.Index(

@@ -56,6 +56,8 @@ FAILURE_ACTIONS = (
 )
 # Bounds that keep every panel cheap on a million tasks.
 STUCK_SAMPLE = 200
+# The dashboard judges fewer candidates on each refresh; the filtered list shows them all.
+DASHBOARD_STUCK_SAMPLE = 50
 LOCK_SAMPLE = 500
 INBOX_SAMPLE = 5000
 # Below this many tasks (the planner's estimate) finished tasks are counted exactly.
