@@ -731,11 +731,13 @@ def _drain_engine(fleet: Fleet, sagas: int, report: Progress) -> float:
             services.start(bench_noop.NAME, {})
             if number % 50 == 0:
                 report("start", number, sagas)
-    last, progressed = 0, time.monotonic()
+    # Progress is steps run: with every saga started at once, the first completes only
+    # when most first and second steps are done.
+    last, progressed = fleet.job_counts(), time.monotonic()
     while (done := _completed() - done_before) < sagas:
-        if done != last:
-            last, progressed = done, time.monotonic()
-            report("engine", done, sagas)
+        report("engine", done, sagas)
+        if (jobs := fleet.job_counts()) != last:
+            last, progressed = jobs, time.monotonic()
         _check_failed()
         _check_progress(fleet, progressed, "sagas")
         time.sleep(ENGINE_POLL_S)
