@@ -559,7 +559,7 @@ class CountQuery:
     def as_json(self) -> dict[str, Any]:
         return {
             "page": self.page,
-            "sql": self.sql[:400],
+            "sql": self.sql,  # whole: where its COUNT sits depends on the query
             "ms": round(self.ms, 1),
             "rows_read": self.rows_read,
         }

@@ -14,8 +14,8 @@ from itertools import islice
 from typing import Any
 
 from django.db import connection
-from django.db.models import Count, Max, Min, Q
-from django.db.models.functions import Substr
+from django.db.models import Case, Count, F, Max, Min, Q, Value, When
+from django.db.models.functions import StrIndex, Substr
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq import Worker
@@ -322,27 +322,44 @@ class InboxGroup:
 
 def inbox_groups() -> list[InboxGroup]:
     """``compensation_failed`` tasks by the undo that failed, ``dead_lettered`` ones by the
-    step that exhausted its retries; each with its error type (the exception class)."""
+    step that exhausted its retries; each with its error type (the exception class).
+
+    Grouped in SQL by the text before the message's first colon (error messages name ids,
+    so grouping by message would make a group per task): a few rows come back whatever
+    the number of parked tasks; Python only folds heads that are no class name into
+    "other"."""
     failing = Q(task__status=TaskStatus.COMPENSATION_FAILED, status=StepStatus.COMPENSATION_FAILED)
     failing |= Q(task__status=TaskStatus.DEAD_LETTERED, status=StepStatus.FAILED, critical=True)
+    message = Case(
+        When(task__status=TaskStatus.COMPENSATION_FAILED, then=F("compensation_error")),
+        default=F("error"),
+    )
     rows = (
         StepRecord.objects.filter(failing, task__status__in=ATTENTION_STATUSES)
+        .annotate(message=message)
+        .annotate(colon=StrIndex("message", Value(":")))
         .annotate(
-            error_head=Substr("error", 1, 200),
-            compensation_error_head=Substr("compensation_error", 1, 200),
+            head=Case(
+                When(colon__gt=1, then=Substr("message", 1, F("colon") - 1)),
+                default=Value(""),
+            )
         )
-        .values_list("task__status", "task__saga", "name", "error_head", "compensation_error_head")
-        .annotate(n=Count("pk"), first=Min("task__finished_at"), last=Max("task__updated_at"))
+        .values_list("task__status", "task__saga", "name", "head")
+        .annotate(
+            n=Count("pk"),
+            first=Min("task__finished_at"),
+            last=Max("task__updated_at"),
+            example=Max(Substr("message", 1, 500)),
+        )
         .order_by()[:INBOX_SAMPLE]
     )
     groups: dict[tuple[str, str, str, str], InboxGroup] = {}
-    for status, saga, step, error, compensation_error, n, first, last in rows:
-        message = compensation_error if status == TaskStatus.COMPENSATION_FAILED else error
-        kind = error_type(message)
+    for status, saga, step, head, n, first, last, example in rows:
+        kind = error_type(f"{head}:" if head else "")
         group = groups.get((status, saga, step, kind))
         if group is None:
             groups[(status, saga, step, kind)] = InboxGroup(
-                status, saga, step, kind, n, first or last, last, message
+                status, saga, step, kind, n, first or last, last, example or ""
             )
         else:
             group.count += n
