@@ -77,38 +77,22 @@ def timing() -> Timing:
 
 
 def load(task_id: UUID | str, *, lock: bool = True) -> Loaded:
-    """The task's rows, read with the database's clock (and its row lock, by default): the
-    task and its steps in one statement (the task joined to each step), then the steps'
-    attempts by step id."""
-    steps, task, now = _task_and_steps(task_id, lock)
+    """The task's rows, read with the database's clock (and its row lock, by default).
+
+    The task is locked by a statement of its own, and its steps and attempts are read by
+    later ones: each sees what the holder of the lock before committed. (Read in one
+    statement with the task joined, the steps would come from that statement's snapshot,
+    taken before it waited for the lock: a concurrent branch's settle would be missed.)
+    """
+    query = TaskInstance.objects.annotate(db_now=Now())
+    if lock:
+        query = query.select_for_update(of=("self",))
+    task = query.get(pk=task_id)
+    steps = list(StepRecord.objects.filter(task=task).order_by("index"))
     attempts = StepAttempt.objects.filter(step_id__in=[s.pk for s in steps]).order_by("number")
     rows = _step_rows(steps, attempts.values(*ATTEMPT_FIELDS) if steps else [])
-    plan = Plan(_task_row(task), rows, now, _saga(task.saga))
+    plan = Plan(_task_row(task), rows, task.db_now, _saga(task.saga))
     return Loaded(task, {s.name: s for s in steps}, plan)
-
-
-def _task_and_steps(
-    task_id: UUID | str, lock: bool
-) -> tuple[list[StepRecord], TaskInstance, datetime]:
-    query: Any = (
-        StepRecord.objects.filter(task__pk=task_id)
-        .select_related("task")
-        .annotate(db_now=Now())
-        .order_by("index")
-    )
-    if lock:
-        query = query.select_for_update(of=("task",))
-    steps: list[Any] = list(query)
-    if not steps:  # a task without steps: the task alone (it still raises DoesNotExist)
-        alone: Any = TaskInstance.objects.annotate(db_now=Now())
-        if lock:
-            alone = alone.select_for_update(of=("self",))
-        found = alone.get(pk=task_id)
-        return [], found, found.db_now
-    task: TaskInstance = steps[0].task
-    for step in steps:
-        step.task = task  # one object for the task, whatever the plan writes through
-    return steps, task, steps[0].db_now
 
 
 def load_plans(task_ids: list[Any], now: datetime) -> list[Plan]:

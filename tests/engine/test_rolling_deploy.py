@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 def test_an_old_worker_hands_a_new_step_to_a_worker_that_has_it(workers):
     # The old worker's deploy does not have the saga at all yet; the new one does.
-    old = workers("old", SAGA_MODULES="sagas.examples.chaos", SAGAS_CODE_REQUEUES="3")
+    # Enough hand-backs (1+2+4+8+16 s) for the new worker to boot on a loaded machine.
+    old = workers("old", SAGA_MODULES="sagas.examples.chaos", SAGAS_CODE_REQUEUES="5")
     task, _ = start("flaky-service", {})
     handed_back = wait_for(
         lambda: AuditEntry.objects.filter(task=task, action="code_missing").first(),
