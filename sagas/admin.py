@@ -24,11 +24,16 @@ from django.shortcuts import render
 from django.template.loader import render_to_string
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from sagas import overview, services, task_page
-from sagas.admin_common import CappedPaginator, ReadOnlyMixin, SagaFilter, details_summary
+from sagas.admin_common import (
+    CappedPaginator,
+    ReadOnlyMixin,
+    SagaFilter,
+    details_summary,
+    task_link,
+)
 from sagas.models import ApiToken, AuditEntry, StepRecord, TaskInstance
 from sagas.states import ACTIVE_TASK_STATUSES, AuditAction, StepStatus
 from sagas.templatetags.sagas_console import clock
@@ -324,10 +329,7 @@ class AuditEntryAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg
 
     @admin.display(description="task")
     def task_link(self, entry: AuditEntry) -> SafeString | str:
-        if entry.task_id is None:
-            return "-"
-        url = reverse("admin:sagas_taskinstance_change", args=[entry.task_id])
-        return format_html('<a href="{}" class="mono">{}</a>', url, str(entry.task_id)[:8])
+        return task_link(entry.task_id)
 
     @admin.display(description="step")
     def step_name(self, entry: AuditEntry) -> str:

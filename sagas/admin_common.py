@@ -9,6 +9,9 @@ from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
 from sagas.definitions import registry
 
@@ -63,3 +66,11 @@ def details_summary(details: Any, limit: int = 160) -> str:
     parts = [f"{k}: {v}" for k, v in details.items() if k != "stack_trace" and v not in ("", None)]
     text = "; ".join(parts)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def task_link(task_id: Any) -> SafeString | str:
+    """A task's short id, linked to its page ("-" for none)."""
+    if task_id is None:
+        return "-"
+    url = reverse("admin:sagas_taskinstance_change", args=[task_id])
+    return format_html('<a href="{}" class="mono">{}</a>', url, str(task_id)[:8])

@@ -20,7 +20,13 @@ from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from sagas import finding_actions, services
-from sagas.admin_common import CappedPaginator, ReadOnlyMixin, SagaFilter, details_summary
+from sagas.admin_common import (
+    CappedPaginator,
+    ReadOnlyMixin,
+    SagaFilter,
+    details_summary,
+    task_link,
+)
 from sagas.models import Finding, FindingKind, ReconciliationRun
 from sagas.templatetags.sagas_console import clock
 from sagas.views import bulk as bulk_actions
@@ -42,13 +48,6 @@ def _may(slug: str) -> Any:
         return bulk_actions.may_act(request.user, slug)
 
     return has_permission
-
-
-def _task_link(task_id: Any) -> SafeString | str:
-    if task_id is None:
-        return "-"
-    url = reverse("admin:sagas_taskinstance_change", args=[task_id])
-    return format_html('<a href="{}" class="mono">{}</a>', url, str(task_id)[:8])
 
 
 def _redirect_to_list(opts: Any, query: str) -> HttpResponseRedirect:
@@ -141,7 +140,7 @@ class FindingAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="task")
     def task_link(self, finding: Finding) -> SafeString | str:
-        return _task_link(finding.task_id)
+        return task_link(finding.task_id)
 
     @admin.display(description="state", ordering="state")
     def state_badge(self, finding: Finding) -> SafeString:

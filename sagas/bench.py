@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.contrib.contenttypes.models import ContentType
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 
 from sagas import reconciliation, storage
 from sagas.definitions import Saga, registry
@@ -184,6 +185,39 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# --- scratch databases (bench console and bench engine) ----------------------------------------
+
+
+@contextlib.contextmanager
+def database_pointed_at(name: str) -> Iterator[None]:
+    """Django's default connection on database ``name``, then back, as Django's test runner
+    does. One connection for the whole run (CONN_MAX_AGE None), so nothing measured pays
+    for connecting. Content types are cached by connection alias: the cache is emptied both
+    ways, so neither database's ids leak into the other's queries."""
+    connection = connections[DEFAULT_DB_ALIAS]
+    configured = settings.DATABASES[DEFAULT_DB_ALIAS]
+    own = connection.settings_dict
+    saved = (own["NAME"], own["CONN_MAX_AGE"], configured["NAME"])
+    connection.close()
+    own["NAME"], own["CONN_MAX_AGE"], configured["NAME"] = name, None, name
+    ContentType.objects.clear_cache()
+    try:
+        yield
+    finally:
+        connection.close()
+        own["NAME"], own["CONN_MAX_AGE"], configured["NAME"] = saved
+        ContentType.objects.clear_cache()
+
+
+def drop_database(name: str) -> None:
+    """Drop a scratch database from outside any database; WITH (FORCE) ends the sessions
+    still in it (Postgres 13 and later). Raises ``DatabaseError``."""
+    connection = connections[DEFAULT_DB_ALIAS]
+    force = " WITH (FORCE)" if connection.pg_version >= 130000 else ""  # type: ignore[attr-defined]
+    with connection._nodb_cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {connection.ops.quote_name(name)}{force}")
 
 
 @contextlib.contextmanager

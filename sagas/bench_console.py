@@ -43,7 +43,6 @@ from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.contenttypes.models import ContentType
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.core.management.color import no_style
@@ -54,7 +53,7 @@ from django.test.utils import CaptureQueriesContext, override_settings
 from django.urls import reverse
 
 from sagas import overview
-from sagas.bench import BenchError
+from sagas.bench import BenchError, database_pointed_at, drop_database
 from sagas.models import (
     AuditEntry,
     Finding,
@@ -684,16 +683,16 @@ def console_bench(
     report(f"creating database {scratch}", 0, 0)
     _create_database(connection, scratch)
     try:
-        with _pointed_at(connection, scratch):
+        with database_pointed_at(scratch):
             figures = _fill_and_measure(connection, tasks, repeat, report)
     except BaseException:
         if not keep:
             with contextlib.suppress(ConsoleBenchError):  # never hide the first error
-                _drop_database(connection, scratch)
+                _drop_database(scratch)
         raise
     if not keep:
         report(f"dropping database {scratch}", 0, 0)
-        _drop_database(connection, scratch)
+        _drop_database(scratch)
     figures.database, figures.kept = scratch, keep
     return figures
 
@@ -717,38 +716,14 @@ def _create_database(connection: BaseDatabaseWrapper, name: str) -> None:
         raise ConsoleBenchError(f"could not create {name}: {_one_line(exc)}") from exc
 
 
-def _drop_database(connection: BaseDatabaseWrapper, name: str) -> None:
-    """Drop the scratch database (never the configured one: the name is checked apart).
-    WITH (FORCE) ends any session still in it (Postgres 13 and later)."""
-    quoted = connection.ops.quote_name(name)
-    force = " WITH (FORCE)" if connection.pg_version >= 130000 else ""  # type: ignore[attr-defined]
+def _drop_database(name: str) -> None:
+    """Drop the scratch database (never the configured one: the name is checked apart)."""
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {quoted}{force}")
+        drop_database(name)
     except DatabaseError as exc:
         raise ConsoleBenchError(
             f"could not drop the scratch database {name}: {_one_line(exc)}"
         ) from exc
-
-
-@contextlib.contextmanager
-def _pointed_at(connection: BaseDatabaseWrapper, name: str) -> Iterator[None]:
-    """Django's default connection on the scratch database, then back. One connection for
-    the whole run (CONN_MAX_AGE None), so no request pays for connecting. Content types are
-    cached by connection alias: the cache is emptied both ways, so neither database's ids
-    leak into the other's queries."""
-    configured = settings.DATABASES[DEFAULT_DB_ALIAS]
-    own = connection.settings_dict
-    saved = (own["NAME"], own["CONN_MAX_AGE"], configured["NAME"])
-    connection.close()
-    own["NAME"], own["CONN_MAX_AGE"], configured["NAME"] = name, None, name
-    ContentType.objects.clear_cache()
-    try:
-        yield
-    finally:
-        connection.close()
-        own["NAME"], own["CONN_MAX_AGE"], configured["NAME"] = saved
-        ContentType.objects.clear_cache()
 
 
 def _fill_and_measure(

@@ -51,6 +51,7 @@ from rq.job import JobStatus
 from rq.worker import Worker
 
 from sagas import services
+from sagas.bench import database_pointed_at, drop_database
 from sagas.definitions import registry
 from sagas.embedded import EmbeddedRedis, EmbeddedServiceError, ManagedProcess
 from sagas.engine import dispatch, reaper
@@ -412,34 +413,21 @@ def _scratch_database(scratch: Path) -> Iterator[str]:
     else:
         raise BenchError(f"bench engine needs Postgres or a SQLite file, not {conn.vendor}")
     try:
-        _use_database(original, name)
-        try:
+        with database_pointed_at(name):
             call_command(
                 "migrate", interactive=False, verbosity=0, skip_checks=True, stdout=io.StringIO()
             )
             ContentType.objects.clear_cache()
             yield _database_url(conn.settings_dict)
-        finally:
-            _use_database(name, original)
     finally:
         if conn.vendor == "postgresql":
-            force = " WITH (FORCE)" if conn.pg_version >= 130000 else ""  # type: ignore[attr-defined]
-            _postgres(f"DROP DATABASE IF EXISTS {conn.ops.quote_name(name)}{force}")
+            drop_database(name)
 
 
 def _postgres(statement: str) -> None:
     """A statement outside any database (CREATE/DROP DATABASE)."""
     with connections[DEFAULT_DB_ALIAS]._nodb_cursor() as cursor:
         cursor.execute(statement)
-
-
-def _use_database(current: Any, name: Any) -> None:
-    """Switch the default connection to database ``name``, as Django's test runner does."""
-    conn = connections[DEFAULT_DB_ALIAS]
-    conn.close()
-    settings.DATABASES[DEFAULT_DB_ALIAS]["NAME"] = name
-    conn.settings_dict["NAME"] = name
-    ContentType.objects.clear_cache()  # content type ids belong to one database
 
 
 def _database_url(db: dict[str, Any]) -> str:
